@@ -65,6 +65,9 @@ top="${package//-/_}-$version"
 tar -xzf "$sdist" -C "$tmp" "$top/vendor/llama.cpp" \
   || die "could not extract $top/vendor/llama.cpp from $sdist"
 [ -f "$tmp/$top/vendor/llama.cpp/CMakeLists.txt" ] || die "$sdist has no vendor/llama.cpp/CMakeLists.txt"
+# The sdist keeps llama.cpp's submodule pointer (a .git file naming a gitdir that does not
+# exist here); without it, git tools treat the tree as plain files.
+rm -f "$tmp/$top/vendor/llama.cpp/.git"
 echo "$want" > "$tmp/$top/vendor/llama.cpp/.expertd-pin"
 rm -rf "$dest"
 mv "$tmp/$top/vendor/llama.cpp" "$dest"

@@ -3,4 +3,5 @@
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
 pub mod cli;
+pub mod engine;
 pub mod gguf;

@@ -1,13 +1,90 @@
-//! `expertd engine build`.
+//! `expertd engine build` and `expertd engine path`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::engine::build::{BuildOptions, build_engine};
+use crate::engine::{Backend, EngineLayout, Flavor, find_workspace};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EngineCommand {
-    /// Build llama-server and llama-bench from the pinned source.
-    Build {},
+    /// Build llama-server and llama-bench from the pinned source: patched (expert pool
+    /// linked in) into target/engine/<backend>/bin, or stock into target/engine-stock/.
+    Build(BuildArgs),
+    /// Print the path of an engine binary (whether or not it is built yet).
+    Path(PathArgs),
 }
 
-pub fn run(_cmd: EngineCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`expertd engine build` is not built yet")
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// ggml backend to build for.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    /// Build the stock (unpatched) engine of the same pin instead.
+    #[arg(long)]
+    stock: bool,
+    /// Parallel compile jobs (default: number of CPUs).
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Extra cmake configure argument (repeatable), e.g. --cmake-arg=-DCMAKE_CUDA_ARCHITECTURES=90.
+    #[arg(long = "cmake-arg", allow_hyphen_values = true)]
+    cmake_args: Vec<String>,
+    /// The expertd workspace (default: found from the current directory).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PathArgs {
+    /// llama-server (default) or llama-bench.
+    #[arg(default_value = "llama-server")]
+    binary: String,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    #[arg(long)]
+    stock: bool,
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+}
+
+fn workspace(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return Ok(dir);
+    }
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let exe = std::env::current_exe().ok();
+    find_workspace(&cwd)
+        .or_else(|| exe.as_deref().and_then(find_workspace))
+        .context("no expertd workspace found (a directory with vendor/llama.cpp.pin) above the current directory; pass --workspace")
+}
+
+fn flavor(stock: bool) -> Flavor {
+    if stock { Flavor::Stock } else { Flavor::Patched }
+}
+
+pub fn run(cmd: EngineCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        EngineCommand::Build(args) => {
+            let ws = workspace(args.workspace)?;
+            let opts = BuildOptions {
+                backend: args.backend,
+                flavor: flavor(args.stock),
+                jobs: args.jobs,
+                cmake_args: args.cmake_args,
+            };
+            let built = build_engine(&ws, &opts, &mut |line| eprintln!("expertd engine: {line}"))
+                .with_context(|| {
+                    format!("building the {} engine ({})", opts.flavor.as_str(), opts.backend)
+                })?;
+            println!("{}", built.llama_server.display());
+        }
+        EngineCommand::Path(args) => {
+            let ws = workspace(args.workspace)?;
+            let layout = EngineLayout::new(&ws, flavor(args.stock), args.backend);
+            println!("{}", layout.bin_dir().join(&args.binary).display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
