@@ -61,7 +61,11 @@ fn workspace(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn flavor(stock: bool) -> Flavor {
-    if stock { Flavor::Stock } else { Flavor::Patched }
+    if stock {
+        Flavor::Stock
+    } else {
+        Flavor::Patched
+    }
 }
 
 pub fn run(cmd: EngineCommand) -> anyhow::Result<ExitCode> {
@@ -76,8 +80,12 @@ pub fn run(cmd: EngineCommand) -> anyhow::Result<ExitCode> {
             };
             let built = build_engine(&ws, &opts, &mut |line| eprintln!("expertd engine: {line}"))
                 .with_context(|| {
-                    format!("building the {} engine ({})", opts.flavor.as_str(), opts.backend)
-                })?;
+                format!(
+                    "building the {} engine ({})",
+                    opts.flavor.as_str(),
+                    opts.backend
+                )
+            })?;
             println!("{}", built.llama_server.display());
         }
         EngineCommand::Path(args) => {

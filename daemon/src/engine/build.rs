@@ -138,7 +138,10 @@ pub fn build_engine(
         .arg(jobs.to_string())
         // Relative paths under the work area let ccache share objects between the
         // stock and the patched tree.
-        .env("CCACHE_BASEDIR", workspace.join("target").join("engine-work"));
+        .env(
+            "CCACHE_BASEDIR",
+            workspace.join("target").join("engine-work"),
+        );
     run_logged(&mut cmd, "cmake build", &log, &mut log_file, say, true)?;
 
     install(&layout, say)
@@ -161,9 +164,21 @@ fn check_tools(opts: &BuildOptions) -> Result<(), BuildError> {
         }
     };
     need("cmake", &["--version"], apt)?;
-    need("c++", &["--version"], "install a C++ compiler: apt-get install g++")?;
-    need("cc", &["--version"], "install a C compiler: apt-get install gcc")?;
-    need("git", &["--version"], "git applies the patches: apt-get install git")?;
+    need(
+        "c++",
+        &["--version"],
+        "install a C++ compiler: apt-get install g++",
+    )?;
+    need(
+        "cc",
+        &["--version"],
+        "install a C compiler: apt-get install gcc",
+    )?;
+    need(
+        "git",
+        &["--version"],
+        "git applies the patches: apt-get install git",
+    )?;
     if opts.flavor == Flavor::Patched {
         need(
             "cargo",
@@ -291,7 +306,14 @@ fn build_pool_staticlib(workspace: &Path, layout: &EngineLayout) -> Result<PathB
         .arg(workspace.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir);
-    run_logged(&mut cmd, "cargo build of the expert pool", &log, &mut log_file, &mut |_| {}, false)?;
+    run_logged(
+        &mut cmd,
+        "cargo build of the expert pool",
+        &log,
+        &mut log_file,
+        &mut |_| {},
+        false,
+    )?;
     let lib = target_dir.join("release").join("libexpert_pool.a");
     if !lib.is_file() {
         return Err(BuildError::MissingOutput { path: lib });
@@ -335,9 +357,7 @@ fn run_logged(
     if let Some(stdout) = child.stdout.take() {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             writeln!(log_file, "{line}").map_err(io_err(log))?;
-            if progress
-                && line.starts_with('[')
-                && last_report.elapsed() >= Duration::from_secs(10)
+            if progress && line.starts_with('[') && last_report.elapsed() >= Duration::from_secs(10)
             {
                 let counter = line.split(']').next().unwrap_or_default();
                 say(&format!("  {counter}]"));
@@ -382,7 +402,12 @@ fn install(layout: &EngineLayout, say: &mut dyn FnMut(&str)) -> Result<BuiltEngi
         fs::copy(&built, &tmp).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
     }
-    say(&format!("installed {} and {} in {}", TARGETS[0], TARGETS[1], bin.display()));
+    say(&format!(
+        "installed {} and {} in {}",
+        TARGETS[0],
+        TARGETS[1],
+        bin.display()
+    ));
     Ok(BuiltEngine {
         llama_server: layout.llama_server(),
         llama_bench: layout.llama_bench(),

@@ -9,7 +9,7 @@
 //! - `target/engine-work/<flavor>/build-<backend>`: the cmake build directory.
 
 pub mod build;
-mod tree;
+pub mod tree;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -80,7 +80,10 @@ impl EngineLayout {
             Flavor::Patched => "engine",
             Flavor::Stock => "engine-stock",
         };
-        self.target().join(top).join(self.backend.as_str()).join("bin")
+        self.target()
+            .join(top)
+            .join(self.backend.as_str())
+            .join("bin")
     }
 
     pub fn llama_server(&self) -> PathBuf {

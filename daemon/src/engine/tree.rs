@@ -18,7 +18,9 @@ pub enum TreeError {
     PatchDoesNotApply { name: String, output: String },
     #[error("could not run git to apply patches ({source}); install git (apt-get install git)")]
     GitMissing { source: io::Error },
-    #[error("patch file name {name} does not start with a 4-digit number and a dash (NNNN-name.patch)")]
+    #[error(
+        "patch file name {name} does not start with a 4-digit number and a dash (NNNN-name.patch)"
+    )]
     BadPatchName { name: String },
 }
 
@@ -60,7 +62,12 @@ pub fn source_stamp(pin_file: &Path, patches: &[PathBuf]) -> Result<String, Tree
     let mut hasher = Sha256::new();
     hasher.update(fs::read(pin_file).map_err(io_err(pin_file))?);
     for patch in patches {
-        hasher.update(patch.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        hasher.update(
+            patch
+                .file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
         hasher.update([0]);
         hasher.update(fs::read(patch).map_err(io_err(patch))?);
         hasher.update([0]);
@@ -201,12 +208,21 @@ mod tests {
         write(&b.join("same.txt"), "same");
         write(&b.join("sub/changed.txt"), "old");
         write(&b.join("extra/gone.txt"), "x");
-        let before = fs::metadata(b.join("same.txt")).unwrap().modified().unwrap();
+        let before = fs::metadata(b.join("same.txt"))
+            .unwrap()
+            .modified()
+            .unwrap();
 
         assert_eq!(sync_tree(&a, &b).unwrap(), 1);
-        assert_eq!(fs::read_to_string(b.join("sub/changed.txt")).unwrap(), "new");
+        assert_eq!(
+            fs::read_to_string(b.join("sub/changed.txt")).unwrap(),
+            "new"
+        );
         assert!(!b.join("extra").exists());
-        let after = fs::metadata(b.join("same.txt")).unwrap().modified().unwrap();
+        let after = fs::metadata(b.join("same.txt"))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(before, after, "an unchanged file must keep its mtime");
         assert_eq!(sync_tree(&a, &b).unwrap(), 0);
     }
