@@ -123,10 +123,7 @@ impl GgufFile {
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Catch-all for the skeleton; the real reader has one variant per reason.
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
