@@ -31,6 +31,9 @@ pub struct BuildArgs {
     /// Extra cmake configure argument (repeatable), e.g. --cmake-arg=-DCMAKE_CUDA_ARCHITECTURES=90.
     #[arg(long = "cmake-arg", allow_hyphen_values = true)]
     cmake_args: Vec<String>,
+    /// Link this prebuilt libexpert_pool.a instead of building it with cargo.
+    #[arg(long)]
+    pool_lib: Option<PathBuf>,
     /// The expertd workspace (default: found from the current directory).
     #[arg(long)]
     workspace: Option<PathBuf>,
@@ -77,6 +80,7 @@ pub fn run(cmd: EngineCommand) -> anyhow::Result<ExitCode> {
                 flavor: flavor(args.stock),
                 jobs: args.jobs,
                 cmake_args: args.cmake_args,
+                pool_lib: args.pool_lib,
             };
             let built = build_engine(&ws, &opts, &mut |line| eprintln!("expertd engine: {line}"))
                 .with_context(|| {

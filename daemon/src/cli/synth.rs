@@ -1,10 +1,192 @@
-//! `expertd synth` (not built yet).
+//! `expertd synth`: write a synthetic qwen3moe GGUF with random weights.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
+use anyhow::Context;
+
+use crate::gguf::ModelInfo;
+use crate::synth::{self, ExpertType, Preset, SynthConfig};
+
+/// Preset names on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PresetArg {
+    /// 4 layers, n_embd 256, 32 experts (4 used): loads and answers in well under a second.
+    Tiny,
+    /// 8 layers, n_embd 512, 64 experts (8 used): ~100 MiB, for bit-exactness tests.
+    Mid,
+    /// 24 layers, n_embd 1024, 128 experts (8 used), Q4_K experts: ~2.6 GiB.
+    Bench,
+}
+
+/// Expert tensor types on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ExpertTypeArg {
+    /// Q4_K (rows must be multiples of 256).
+    #[value(name = "q4_k")]
+    Q4K,
+    /// Q8_0 (rows must be multiples of 32).
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+/// Options of `expertd synth`; explicit options override the preset.
 #[derive(Debug, clap::Args)]
-pub struct SynthArgs {}
+pub struct SynthArgs {
+    /// Starting point for every option below.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: PresetArg,
+    /// Output file (written atomically).
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// Transformer blocks.
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// Hidden size.
+    #[arg(long)]
+    pub embd: Option<u32>,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: Option<u32>,
+    /// KV heads.
+    #[arg(long)]
+    pub heads_kv: Option<u32>,
+    /// Experts per layer.
+    #[arg(long)]
+    pub experts: Option<u32>,
+    /// Experts used per token.
+    #[arg(long)]
+    pub experts_used: Option<u32>,
+    /// FFN size of one expert.
+    #[arg(long)]
+    pub expert_ffn: Option<u32>,
+    /// Vocabulary size.
+    #[arg(long)]
+    pub vocab: Option<u32>,
+    /// Trained context length.
+    #[arg(long)]
+    pub ctx: Option<u32>,
+    /// Sigma of the log-normal scale of each expert's router row (expert popularity skew).
+    #[arg(long)]
+    pub router_skew: Option<f32>,
+    /// Std of the router logits before the skew (higher: more peaked routing).
+    #[arg(long)]
+    pub router_scale: Option<f32>,
+    /// Token embedding scale: how much routing depends on the current token.
+    #[arg(long)]
+    pub token_weight: Option<f32>,
+    /// Attention output scale: how much routing depends on the context.
+    #[arg(long)]
+    pub context_weight: Option<f32>,
+    /// PRNG seed (same seed and options, same bytes).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Type of the expert tensors.
+    #[arg(long, value_enum)]
+    pub expert_type: Option<ExpertTypeArg>,
+    /// Generator threads (default: available cores, at most 4).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the manifest (config, tensors, offsets) as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: SynthArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`expertd synth` is not built yet")
+impl SynthArgs {
+    /// The preset with every explicit option applied.
+    pub fn config(&self) -> SynthConfig {
+        let preset = match self.preset {
+            PresetArg::Tiny => Preset::Tiny,
+            PresetArg::Mid => Preset::Mid,
+            PresetArg::Bench => Preset::Bench,
+        };
+        let mut c = SynthConfig::preset(preset);
+        let set = |dst: &mut u32, v: Option<u32>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        set(&mut c.layers, self.layers);
+        set(&mut c.n_embd, self.embd);
+        set(&mut c.n_head, self.heads);
+        set(&mut c.n_head_kv, self.heads_kv);
+        set(&mut c.n_expert, self.experts);
+        set(&mut c.n_expert_used, self.experts_used);
+        set(&mut c.expert_ffn, self.expert_ffn);
+        set(&mut c.vocab, self.vocab);
+        set(&mut c.ctx, self.ctx);
+        let setf = |dst: &mut f32, v: Option<f32>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        setf(&mut c.router_skew, self.router_skew);
+        setf(&mut c.router_scale, self.router_scale);
+        setf(&mut c.token_weight, self.token_weight);
+        setf(&mut c.context_weight, self.context_weight);
+        c.seed = self.seed;
+        if let Some(t) = self.expert_type {
+            c.expert_type = match t {
+                ExpertTypeArg::Q4K => ExpertType::Q4K,
+                ExpertTypeArg::Q8_0 => ExpertType::Q8_0,
+            };
+        }
+        c
+    }
+}
+
+/// Runs `expertd synth`.
+pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config();
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    });
+    let start = Instant::now();
+    let manifest = synth::write_model(&config, &args.output, threads)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let secs = start.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let file = crate::gguf::GgufFile::open(&args.output)
+        .with_context(|| format!("reading back {}", args.output.display()))?;
+    let info = ModelInfo::from_gguf(&file)?;
+    let per_expert = info
+        .expert_bytes_per_layer
+        .values()
+        .next()
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "wrote {} ({} bytes, {:.2} GiB) in {secs:.1}s with {threads} threads",
+        args.output.display(),
+        manifest.file_size,
+        manifest.file_size as f64 / f64::from(1u32 << 30)
+    );
+    println!(
+        "{}: {} layers, n_embd {}, {} heads ({} kv), {} experts ({} used), expert ffn {}, \
+         vocab {}, {} experts, seed {}",
+        config.preset,
+        config.layers,
+        config.n_embd,
+        config.n_head,
+        config.n_head_kv,
+        config.n_expert,
+        config.n_expert_used,
+        config.expert_ffn,
+        config.vocab,
+        config.expert_type,
+        config.seed
+    );
+    println!(
+        "{} tensors; one expert is {per_expert} bytes per layer; experts are {:.1}% of the data",
+        manifest.tensors.len(),
+        100.0 * info.expert_bytes as f64 / info.total_bytes.max(1) as f64
+    );
+    Ok(ExitCode::SUCCESS)
 }

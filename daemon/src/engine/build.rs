@@ -27,6 +27,9 @@ pub struct BuildOptions {
     pub jobs: Option<usize>,
     /// Extra `-D...` arguments for cmake's configure step.
     pub cmake_args: Vec<String>,
+    /// A prebuilt `libexpert_pool.a` to link instead of building it with cargo (for a
+    /// machine without Rust, e.g. a GPU host the library was built for).
+    pub pool_lib: Option<PathBuf>,
 }
 
 /// A finished build.
@@ -49,7 +52,7 @@ pub enum BuildError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
-        "{step} failed (exit {status}); last lines:\n{tail}\nfull log: {}",
+        "{step} failed ({status}); last lines:\n{tail}\nfull log: {}",
         log.display()
     )]
     Step {
@@ -60,6 +63,8 @@ pub enum BuildError {
     },
     #[error("the build finished but {path} is missing")]
     MissingOutput { path: PathBuf },
+    #[error("the prebuilt expert pool library {path} does not exist")]
+    PoolLibMissing { path: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BuildError + '_ {
@@ -86,8 +91,15 @@ pub fn build_engine(
 
     let mut configure = base_cmake_args(opts);
     if opts.flavor == Flavor::Patched {
-        say("building the expert pool staticlib (cargo build -p expert-pool --release)");
-        let lib = build_pool_staticlib(workspace, &layout)?;
+        let lib = match &opts.pool_lib {
+            // cmake runs in the build directory: hand it an absolute path.
+            Some(lib) if lib.is_file() => fs::canonicalize(lib).map_err(io_err(lib))?,
+            Some(lib) => return Err(BuildError::PoolLibMissing { path: lib.clone() }),
+            None => {
+                say("building the expert pool staticlib (cargo build -p expert-pool --release)");
+                build_pool_staticlib(workspace, &layout)?
+            }
+        };
         configure.push(format!("-DEXPERTD_POOL_LIB={}", lib.display()));
         configure.push(format!(
             "-DEXPERTD_POOL_INCLUDE_DIR={}",
@@ -179,7 +191,7 @@ fn check_tools(opts: &BuildOptions) -> Result<(), BuildError> {
         &["--version"],
         "git applies the patches: apt-get install git",
     )?;
-    if opts.flavor == Flavor::Patched {
+    if opts.flavor == Flavor::Patched && opts.pool_lib.is_none() {
         need(
             "cargo",
             &["--version"],

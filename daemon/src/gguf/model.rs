@@ -1,0 +1,326 @@
+//! `ModelInfo::from_gguf`: the model summary derived from a parsed header.
+
+// Never panic on any input: no indexing, unwrap, panics or unchecked arithmetic.
+#![deny(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects
+)]
+
+use std::collections::BTreeMap;
+
+use super::{GgufError, GgufFile, ModelInfo, Value};
+
+pub(super) fn is_expert_tensor(name: &str) -> bool {
+    // `blk.N.<stem>_exps.<suffix>`: the stem ends in `_exps` (not `_chexps`, `_shexp`).
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return false;
+    };
+    let Some((_, rest)) = rest.split_once('.') else {
+        return false;
+    };
+    match rest.rsplit_once('.') {
+        Some((stem, _suffix)) => stem.ends_with("_exps"),
+        None => false,
+    }
+}
+
+pub(super) fn layer_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("blk.")?;
+    let (n, _) = rest.split_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+struct Keys<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Keys<'_> {
+    fn key(&self, suffix: &str) -> String {
+        format!("{}.{}", self.arch, suffix)
+    }
+
+    fn bad(&self, key: &str, reason: String) -> GgufError {
+        GgufError::BadKey {
+            path: self.file.path.clone(),
+            key: key.to_string(),
+            reason,
+        }
+    }
+
+    fn missing(&self, key: &str, why: &'static str) -> GgufError {
+        GgufError::MissingKey {
+            path: self.file.path.clone(),
+            key: key.to_string(),
+            why,
+        }
+    }
+
+    /// An unsigned integer (a non-negative signed one is accepted too).
+    fn uint(&self, suffix: &str) -> Result<Option<u64>, GgufError> {
+        let key = self.key(suffix);
+        match self.file.get(&key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                self.bad(
+                    &key,
+                    format!(
+                        "expected a non-negative integer, found {} {v:?}",
+                        v.type_name()
+                    ),
+                )
+            }),
+        }
+    }
+
+    fn required_uint(&self, suffix: &str, why: &'static str) -> Result<u64, GgufError> {
+        self.uint(suffix)?
+            .ok_or_else(|| self.missing(&self.key(suffix), why))
+    }
+
+    /// A u32 that fits: for counts that ggml keeps as u32.
+    fn u32_of(&self, suffix: &str, v: u64) -> Result<u32, GgufError> {
+        u32::try_from(v)
+            .map_err(|_| self.bad(&self.key(suffix), format!("{v} does not fit in u32")))
+    }
+
+    /// A scalar or a per-layer array of non-negative integers, as a list (a scalar is a
+    /// list of one). Empty arrays are rejected.
+    fn uint_or_array(&self, suffix: &str) -> Result<Option<Vec<u64>>, GgufError> {
+        let key = self.key(suffix);
+        let Some(v) = self.file.get(&key) else {
+            return Ok(None);
+        };
+        let items: Vec<u64> = match v {
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_u64())
+                .collect::<Option<Vec<u64>>>()
+                .ok_or_else(|| {
+                    self.bad(&key, "expected an array of non-negative integers".into())
+                })?,
+            v => vec![v.as_u64().ok_or_else(|| {
+                self.bad(
+                    &key,
+                    format!(
+                        "expected a non-negative integer or an array of them, found {}",
+                        v.type_name()
+                    ),
+                )
+            })?],
+        };
+        if items.is_empty() {
+            return Err(self.bad(&key, "empty array".into()));
+        }
+        Ok(Some(items))
+    }
+}
+
+pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
+    let arch_key = "general.architecture";
+    let arch = match file.get(arch_key) {
+        None => {
+            return Err(GgufError::MissingKey {
+                path: file.path.clone(),
+                key: arch_key.into(),
+                why: "every model names its architecture",
+            });
+        }
+        Some(v) => v.as_str().ok_or_else(|| GgufError::BadKey {
+            path: file.path.clone(),
+            key: arch_key.into(),
+            reason: format!("expected a string, found {}", v.type_name()),
+        })?,
+    };
+    let k = Keys { file, arch };
+    let name = file
+        .get("general.name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+
+    let block_count = k.required_uint("block_count", "the number of layers")?;
+    let block_count = k.u32_of("block_count", block_count)?;
+    let n_embd = k.required_uint("embedding_length", "the hidden size")?;
+    let context_length = k.required_uint("context_length", "the trained context size")?;
+
+    let head_key = "attention.head_count";
+    let heads = k
+        .uint_or_array(head_key)?
+        .ok_or_else(|| k.missing(&k.key(head_key), "the number of attention heads"))?;
+    let n_head = k.u32_of(head_key, heads.iter().copied().max().unwrap_or(0))?;
+    let kv_key = "attention.head_count_kv";
+    let heads_kv = k.uint_or_array(kv_key)?.unwrap_or_else(|| heads.clone());
+    let n_head_kv = k.u32_of(kv_key, heads_kv.iter().copied().max().unwrap_or(0))?;
+
+    let expert_count = k.uint("expert_count")?.unwrap_or(0);
+    let expert_count = k.u32_of("expert_count", expert_count)?;
+    let expert_used_count = if expert_count > 0 {
+        let used_key = "expert_used_count";
+        let used = k.uint_or_array(used_key)?.ok_or_else(|| {
+            k.missing(
+                &k.key(used_key),
+                "an MoE model must say how many experts each token uses",
+            )
+        })?;
+        let used = k.u32_of(used_key, used.iter().copied().max().unwrap_or(0))?;
+        if used == 0 || used > expert_count {
+            return Err(k.bad(
+                &k.key(used_key),
+                format!("{used} experts used per token, must be in 1..={expert_count}"),
+            ));
+        }
+        used
+    } else {
+        0
+    };
+
+    // KV cache: K and V per layer, f16, per KV head; head sizes from key_length and
+    // value_length, else n_embd / n_head (with n_head the layer's own count).
+    let key_len = k.uint("attention.key_length")?;
+    let value_len = k.uint("attention.value_length")?;
+    let mut kv_bytes: u64 = 0;
+    for layer in 0..u64::from(block_count) {
+        let per_layer = |list: &[u64]| -> u64 {
+            if list.len() == 1 {
+                list.first().copied().unwrap_or(0)
+            } else {
+                usize::try_from(layer)
+                    .ok()
+                    .and_then(|i| list.get(i))
+                    .copied()
+                    .unwrap_or(0)
+            }
+        };
+        let h = per_layer(&heads);
+        let h_kv = per_layer(&heads_kv);
+        if h_kv == 0 {
+            continue; // recurrent or attention-free layer
+        }
+        let default_head = n_embd.checked_div(h).unwrap_or(0);
+        let kl = key_len.unwrap_or(default_head);
+        let vl = value_len.unwrap_or(default_head);
+        let layer_bytes = h_kv
+            .checked_mul(kl.saturating_add(vl))
+            .and_then(|x| x.checked_mul(2))
+            .ok_or_else(|| k.bad(&k.key(kv_key), "KV cache size overflows".into()))?;
+        kv_bytes = kv_bytes
+            .checked_add(layer_bytes)
+            .ok_or_else(|| k.bad(&k.key(kv_key), "KV cache size overflows".into()))?;
+    }
+
+    let mut total_bytes: u64 = 0;
+    let mut expert_bytes: u64 = 0;
+    let mut per_layer: BTreeMap<u32, u64> = BTreeMap::new();
+    for t in &file.tensors {
+        // The reader bounded every tensor by the file size, so these sums fit.
+        total_bytes = total_bytes.saturating_add(t.size);
+        if !is_expert_tensor(&t.name) {
+            continue;
+        }
+        let bad = |reason: String| GgufError::BadTensor {
+            path: file.path.clone(),
+            name: t.name.clone(),
+            reason,
+        };
+        let layer = layer_of(&t.name).ok_or_else(|| bad("no layer index in the name".into()))?;
+        if layer >= block_count {
+            return Err(bad(format!(
+                "layer {layer} but block_count is {block_count}"
+            )));
+        }
+        let n_exp = t.dims.last().copied().unwrap_or(1);
+        if expert_count == 0 {
+            return Err(bad(
+                "an expert tensor, but expert_count is absent or 0".into()
+            ));
+        }
+        if n_exp != u64::from(expert_count) {
+            return Err(bad(format!(
+                "last dimension is {n_exp} (dims {:?}), expected expert_count {expert_count}",
+                t.dims
+            )));
+        }
+        let Some(per_expert) = t
+            .size
+            .checked_div(n_exp)
+            .filter(|p| p.checked_mul(n_exp) == Some(t.size))
+        else {
+            return Err(bad(format!(
+                "{} bytes do not split into {n_exp} experts",
+                t.size
+            )));
+        };
+        expert_bytes = expert_bytes.saturating_add(t.size);
+        let e = per_layer.entry(layer).or_insert(0);
+        *e = e.saturating_add(per_expert);
+    }
+    if expert_count > 0 && per_layer.is_empty() {
+        return Err(GgufError::BadTensor {
+            path: file.path.clone(),
+            name: "blk.*.*_exps.weight".into(),
+            reason: format!("expert_count is {expert_count} but no expert tensors exist"),
+        });
+    }
+
+    Ok(ModelInfo {
+        arch: arch.to_string(),
+        name,
+        block_count,
+        n_embd,
+        n_head,
+        n_head_kv,
+        context_length,
+        expert_count,
+        expert_used_count,
+        total_bytes,
+        expert_bytes,
+        expert_bytes_per_layer: per_layer,
+        non_expert_bytes: total_bytes.saturating_sub(expert_bytes),
+        kv_bytes_per_token_f16: kv_bytes,
+    })
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_names() {
+        for yes in [
+            "blk.0.ffn_gate_exps.weight",
+            "blk.12.ffn_down_exps.weight",
+            "blk.3.ffn_gate_up_exps.weight",
+            "blk.3.ffn_up_exps.bias",
+            "blk.3.ffn_up_exps.scale",
+        ] {
+            assert!(is_expert_tensor(yes), "{yes}");
+        }
+        for no in [
+            "blk.0.ffn_gate_inp.weight",
+            "blk.0.ffn_gate_shexp.weight",
+            "blk.0.ffn_gate_chexps.weight",
+            "token_embd.weight",
+            "ffn_gate_exps.weight",
+            "blk.0.ffn_gate_exps",
+        ] {
+            assert!(!is_expert_tensor(no), "{no}");
+        }
+        assert_eq!(layer_of("blk.17.attn_q.weight"), Some(17));
+        assert_eq!(layer_of("blk.x.attn_q.weight"), None);
+        assert_eq!(layer_of("blk.+1.attn_q.weight"), None);
+        assert_eq!(layer_of("output.weight"), None);
+    }
+}

@@ -1,0 +1,754 @@
+//! Synthetic MoE models: a `qwen3moe` GGUF with random weights that the pinned llama.cpp
+//! loads and runs, with the real tensor names, shapes and types, a byte-fallback SPM
+//! vocabulary, and knobs for how routing behaves.
+//!
+//! Invariants: the file is a pure function of [`SynthConfig`] (same config and seed, same
+//! bytes, whatever the thread count: every tensor row has its own PRNG stream); the file
+//! appears atomically (temp file in the same directory, fsync, rename) or not at all.
+//!
+//! Weights (std of the dequantized values; all zero-mean):
+//! - `token_embd` Q8_0: `token_weight`.
+//! - `attn_q/k/v` Q8_0: 1/sqrt(n_embd); `attn_output` Q8_0: `context_weight`/sqrt(n_embd_q)
+//!   (with normalized q/k the attention is a soft average of the context, so this scales
+//!   how much the context moves the hidden state that the routers see).
+//! - `ffn_gate_inp` F32: `router_scale`/sqrt(n_embd) (router logits have std
+//!   `router_scale`), each expert's row times exp(`router_skew` * N(0,1)).
+//! - `ffn_gate_exps`/`ffn_up_exps`: 1/sqrt(n_embd); `ffn_down_exps`: 1/sqrt(expert_ffn).
+//! - `output` Q8_0: logits of std 2.5, except the 259 special and byte tokens whose rows
+//!   are scaled by 1/16 so that greedy output is text and rarely ends early.
+//! - norms F32: 1.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use crate::gguf::{self, GgmlType, TensorInfo, TensorSpec, Value};
+
+pub mod quant;
+pub mod rng;
+pub mod vocab;
+
+use rng::Rng;
+
+/// The architecture written.
+pub const ARCH: &str = "qwen3moe";
+/// Logit std of the output projection for normal tokens.
+const OUTPUT_LOGIT_STD: f64 = 2.5;
+/// Output rows of special and byte tokens are scaled by this.
+const OUTPUT_SPECIAL_DAMPING: f64 = 1.0 / 16.0;
+/// Target size of one generated chunk (a run of rows of one tensor).
+const CHUNK_BYTES: u64 = 4 << 20;
+
+/// Type of the expert tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ExpertType {
+    /// Q4_K: rows must be multiples of 256.
+    Q4K,
+    /// Q8_0: rows must be multiples of 32.
+    Q8_0,
+}
+
+impl std::fmt::Display for ExpertType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.ggml())
+    }
+}
+
+impl ExpertType {
+    /// The ggml type.
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            ExpertType::Q4K => GgmlType::Q4_K,
+            ExpertType::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+}
+
+/// Named starting points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// Loads and answers in well under a second (4 layers, 32 experts).
+    Tiny,
+    /// A few hundred MiB at most, for bit-exactness tests (8 layers, 64 experts).
+    Mid,
+    /// The benchmark model (24 layers, 128 experts, about 2.6 GiB).
+    Bench,
+}
+
+impl Preset {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Mid => "mid",
+            Preset::Bench => "bench",
+        }
+    }
+}
+
+/// Everything that determines a synthetic model's bytes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SynthConfig {
+    /// Preset the values started from (recorded in the file).
+    pub preset: String,
+    /// Transformer blocks.
+    pub layers: u32,
+    /// Hidden size.
+    pub n_embd: u32,
+    /// Attention heads (head dim = n_embd / n_head).
+    pub n_head: u32,
+    /// KV heads (divides n_head).
+    pub n_head_kv: u32,
+    /// Experts per layer.
+    pub n_expert: u32,
+    /// Experts used per token.
+    pub n_expert_used: u32,
+    /// FFN size of one expert.
+    pub expert_ffn: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+    /// Trained context length.
+    pub ctx: u32,
+    /// Sigma of the log-normal scale of each expert's router row (popularity skew).
+    pub router_skew: f32,
+    /// Std of the router logits before the skew.
+    pub router_scale: f32,
+    /// Scale of the token embeddings (routing depends on the current token).
+    pub token_weight: f32,
+    /// Scale of the attention output projection (routing depends on the context).
+    pub context_weight: f32,
+    /// PRNG seed.
+    pub seed: u64,
+    /// Expert tensor type.
+    pub expert_type: ExpertType,
+}
+
+impl SynthConfig {
+    /// The values of a preset (seed 0).
+    pub fn preset(p: Preset) -> SynthConfig {
+        let base = SynthConfig {
+            preset: p.name().to_string(),
+            layers: 24,
+            n_embd: 1024,
+            n_head: 16,
+            n_head_kv: 4,
+            n_expert: 128,
+            n_expert_used: 8,
+            expert_ffn: 512,
+            vocab: 4096,
+            ctx: 4096,
+            router_skew: 0.5,
+            router_scale: 1.0,
+            token_weight: 1.0,
+            context_weight: 1.0,
+            seed: 0,
+            expert_type: ExpertType::Q4K,
+        };
+        match p {
+            Preset::Bench => base,
+            Preset::Mid => SynthConfig {
+                layers: 8,
+                n_embd: 512,
+                n_head: 8,
+                n_head_kv: 2,
+                n_expert: 64,
+                n_expert_used: 8,
+                expert_ffn: 256,
+                vocab: 2048,
+                ..base
+            },
+            Preset::Tiny => SynthConfig {
+                layers: 4,
+                n_embd: 256,
+                n_head: 4,
+                n_head_kv: 2,
+                n_expert: 32,
+                n_expert_used: 4,
+                expert_ffn: 256,
+                vocab: 1024,
+                ctx: 2048,
+                ..base
+            },
+        }
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> u32 {
+        self.n_embd.checked_div(self.n_head).unwrap_or(0)
+    }
+
+    /// Checks that the pinned llama.cpp can load the model and the types fit the shapes.
+    pub fn validate(&self) -> Result<(), SynthError> {
+        let bad = |msg: String| Err(SynthError::Config(msg));
+        let (min_vocab, max_vocab) = (vocab::MIN_VOCAB, vocab::MAX_VOCAB);
+        if self.layers == 0 || self.layers > 512 {
+            return bad(format!("--layers {} must be in 1..=512", self.layers));
+        }
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return bad(format!(
+                "--embd {} must be a multiple of --heads {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head dim {} (embd / heads) must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+            return bad(format!(
+                "--heads {} must be a multiple of --heads-kv {}",
+                self.n_head, self.n_head_kv
+            ));
+        }
+        if self.n_expert < 2 || self.n_expert > 1024 {
+            return bad(format!("--experts {} must be in 2..=1024", self.n_expert));
+        }
+        if self.n_expert_used == 0 || self.n_expert_used > self.n_expert {
+            return bad(format!(
+                "--experts-used {} must be in 1..=--experts ({})",
+                self.n_expert_used, self.n_expert
+            ));
+        }
+        if self.vocab < min_vocab || self.vocab > max_vocab {
+            return bad(format!(
+                "--vocab {} must be in {min_vocab}..={max_vocab}",
+                self.vocab
+            ));
+        }
+        if self.ctx == 0 {
+            return bad("--ctx must be positive".into());
+        }
+        // Q8_0 attention, embeddings and output: rows of n_embd and n_head * head_dim.
+        if self.n_embd % 32 != 0 {
+            return bad(format!(
+                "--embd {} must be a multiple of 32 (Q8_0 rows)",
+                self.n_embd
+            ));
+        }
+        let (block, ty) = match self.expert_type {
+            ExpertType::Q4K => (256, "q4_K"),
+            ExpertType::Q8_0 => (32, "q8_0"),
+        };
+        for (what, n) in [("--embd", self.n_embd), ("--expert-ffn", self.expert_ffn)] {
+            if n == 0 || n % block != 0 {
+                return bad(format!(
+                    "{what} {n} must be a positive multiple of {block}: {ty} expert rows are \
+                     {block}-element blocks"
+                ));
+            }
+        }
+        for (what, v) in [
+            ("--router-skew", self.router_skew),
+            ("--router-scale", self.router_scale),
+            ("--token-weight", self.token_weight),
+            ("--context-weight", self.context_weight),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                return bad(format!("{what} {v} must be in 0..=100"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a model could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    /// The options do not describe a loadable model.
+    #[error("invalid synth options: {0}")]
+    Config(String),
+    /// The header could not be laid out.
+    #[error("cannot lay out the GGUF header: {0}")]
+    Layout(#[from] gguf::WriteError),
+    /// Writing failed (the partial temp file is removed).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A generator thread failed.
+    #[error("generator thread failed: {0}")]
+    Worker(String),
+}
+
+/// What was written: the generator's own record, for tests to compare a reader against.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Manifest {
+    /// The final path.
+    pub path: PathBuf,
+    /// The config written.
+    pub config: SynthConfig,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors in file order, offsets relative to `data_offset`.
+    pub tensors: Vec<TensorInfo>,
+    /// Alignment of the data section.
+    pub alignment: u64,
+    /// Absolute offset of the data section.
+    pub data_offset: u64,
+    /// Total bytes written.
+    pub file_size: u64,
+}
+
+/// How a tensor's rows are filled.
+#[derive(Clone, Copy, Debug)]
+enum Fill {
+    /// F32 ones.
+    Ones,
+    /// F32 normals with this std, each row scaled by exp(skew * N(0,1)).
+    Router { std: f64, skew: f64 },
+    /// Quantized rows with this std; the first `damped_rows` rows are scaled by `damping`.
+    Quant {
+        std: f64,
+        damped_rows: u64,
+        damping: f64,
+    },
+}
+
+struct Planned {
+    spec: TensorSpec,
+    fill: Fill,
+}
+
+fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
+    let n_embd = u64::from(c.n_embd);
+    let head_dim = u64::from(c.head_dim());
+    let n_q = u64::from(c.n_head) * head_dim;
+    let n_kv = u64::from(c.n_head_kv) * head_dim;
+    let n_vocab = u64::from(c.vocab);
+    let n_ff = u64::from(c.expert_ffn);
+    let n_exp = u64::from(c.n_expert);
+    let q8 = GgmlType::Q8_0;
+    let ex = c.expert_type.ggml();
+    let inv_sqrt = |n: u64| 1.0 / (n as f64).sqrt();
+    let quant = |std: f64| Fill::Quant {
+        std,
+        damped_rows: 0,
+        damping: 1.0,
+    };
+    let t = |name: String, dims: Vec<u64>, ggml_type: GgmlType, fill: Fill| Planned {
+        spec: TensorSpec {
+            name,
+            dims,
+            ggml_type,
+        },
+        fill,
+    };
+
+    let mut v = vec![
+        t(
+            "token_embd.weight".into(),
+            vec![n_embd, n_vocab],
+            q8,
+            quant(f64::from(c.token_weight)),
+        ),
+        t(
+            "output_norm.weight".into(),
+            vec![n_embd],
+            GgmlType::F32,
+            Fill::Ones,
+        ),
+        t(
+            "output.weight".into(),
+            vec![n_embd, n_vocab],
+            q8,
+            Fill::Quant {
+                std: OUTPUT_LOGIT_STD * inv_sqrt(n_embd),
+                damped_rows: u64::from(vocab::N_SPECIAL_AND_BYTES),
+                damping: OUTPUT_SPECIAL_DAMPING,
+            },
+        ),
+    ];
+    for l in 0..c.layers {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        v.push(t(n("attn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+        v.push(t(
+            n("attn_q"),
+            vec![n_embd, n_q],
+            q8,
+            quant(inv_sqrt(n_embd)),
+        ));
+        v.push(t(
+            n("attn_k"),
+            vec![n_embd, n_kv],
+            q8,
+            quant(inv_sqrt(n_embd)),
+        ));
+        v.push(t(
+            n("attn_v"),
+            vec![n_embd, n_kv],
+            q8,
+            quant(inv_sqrt(n_embd)),
+        ));
+        v.push(t(
+            n("attn_output"),
+            vec![n_q, n_embd],
+            q8,
+            quant(f64::from(c.context_weight) * inv_sqrt(n_q)),
+        ));
+        v.push(t(
+            n("attn_q_norm"),
+            vec![head_dim],
+            GgmlType::F32,
+            Fill::Ones,
+        ));
+        v.push(t(
+            n("attn_k_norm"),
+            vec![head_dim],
+            GgmlType::F32,
+            Fill::Ones,
+        ));
+        v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+        v.push(t(
+            n("ffn_gate_inp"),
+            vec![n_embd, n_exp],
+            GgmlType::F32,
+            Fill::Router {
+                std: f64::from(c.router_scale) * inv_sqrt(n_embd),
+                skew: f64::from(c.router_skew),
+            },
+        ));
+        v.push(t(
+            n("ffn_gate_exps"),
+            vec![n_embd, n_ff, n_exp],
+            ex,
+            quant(inv_sqrt(n_embd)),
+        ));
+        v.push(t(
+            n("ffn_up_exps"),
+            vec![n_embd, n_ff, n_exp],
+            ex,
+            quant(inv_sqrt(n_embd)),
+        ));
+        v.push(t(
+            n("ffn_down_exps"),
+            vec![n_ff, n_embd, n_exp],
+            ex,
+            quant(inv_sqrt(n_ff)),
+        ));
+    }
+    v
+}
+
+fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
+    let a = |k: &str| format!("{ARCH}.{k}");
+    let pieces = vocab::build(c.vocab);
+    vec![
+        ("general.architecture".into(), Value::String(ARCH.into())),
+        (
+            "general.name".into(),
+            Value::String(format!("expertd synth {} seed {}", c.preset, c.seed)),
+        ),
+        ("general.quantization_version".into(), Value::U32(2)),
+        // llama_ftype, for display only (the loader would otherwise guess "all F32" from
+        // the many small F32 tensors): Q4_K_M or Q8_0 by the expert type.
+        (
+            "general.file_type".into(),
+            Value::U32(match c.expert_type {
+                ExpertType::Q4K => 15,
+                ExpertType::Q8_0 => 7,
+            }),
+        ),
+        (a("block_count"), Value::U32(c.layers)),
+        (a("context_length"), Value::U32(c.ctx)),
+        (a("embedding_length"), Value::U32(c.n_embd)),
+        // Unused when expert_feed_forward_length is set; real qwen3moe files carry it.
+        (
+            a("feed_forward_length"),
+            Value::U32(c.expert_ffn * c.n_expert_used),
+        ),
+        (a("expert_feed_forward_length"), Value::U32(c.expert_ffn)),
+        (a("attention.head_count"), Value::U32(c.n_head)),
+        (a("attention.head_count_kv"), Value::U32(c.n_head_kv)),
+        (a("attention.key_length"), Value::U32(c.head_dim())),
+        (a("attention.value_length"), Value::U32(c.head_dim())),
+        (a("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (a("rope.freq_base"), Value::F32(1_000_000.0)),
+        (a("expert_count"), Value::U32(c.n_expert)),
+        (a("expert_used_count"), Value::U32(c.n_expert_used)),
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(
+                pieces
+                    .iter()
+                    .map(|p| Value::String(p.text.clone()))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(pieces.iter().map(|p| Value::F32(p.score)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(pieces.iter().map(|p| Value::I32(p.token_type)).collect()),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32(vocab::BOS_ID),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(vocab::EOS_ID),
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id".into(),
+            Value::U32(vocab::UNK_ID),
+        ),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+        (
+            "expertd.synth.preset".into(),
+            Value::String(c.preset.clone()),
+        ),
+        ("expertd.synth.seed".into(), Value::U64(c.seed)),
+        (
+            "expertd.synth.router_skew".into(),
+            Value::F32(c.router_skew),
+        ),
+        (
+            "expertd.synth.router_scale".into(),
+            Value::F32(c.router_scale),
+        ),
+        (
+            "expertd.synth.token_weight".into(),
+            Value::F32(c.token_weight),
+        ),
+        (
+            "expertd.synth.context_weight".into(),
+            Value::F32(c.context_weight),
+        ),
+    ]
+}
+
+/// The header layout (metadata, tensors, offsets) of the model `config` describes,
+/// without generating any data.
+pub fn layout(
+    config: &SynthConfig,
+) -> Result<(Vec<(String, Value)>, gguf::GgufLayout), SynthError> {
+    config.validate()?;
+    let md = metadata(config);
+    let specs: Vec<TensorSpec> = plan_tensors(config).into_iter().map(|p| p.spec).collect();
+    let lay = gguf::layout(&md, &specs)?;
+    Ok((md, lay))
+}
+
+/// One unit of generation: rows `rows` of tensor `tensor`.
+#[derive(Clone, Debug)]
+struct Chunk {
+    tensor: usize,
+    row_start: u64,
+    n_rows: u64,
+}
+
+fn chunks(tensors: &[TensorInfo]) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let rows: u64 = t.dims.iter().skip(1).product();
+        let row_bytes = t.size / rows.max(1);
+        let per_chunk = (CHUNK_BYTES / row_bytes.max(1)).max(1);
+        let mut r = 0;
+        while r < rows {
+            let n = per_chunk.min(rows - r);
+            out.push(Chunk {
+                tensor: i,
+                row_start: r,
+                n_rows: n,
+            });
+            r += n;
+        }
+    }
+    out
+}
+
+/// Generates the bytes of one chunk. Every row is seeded from (seed, tensor name, row).
+fn generate(seed: u64, info: &TensorInfo, fill: Fill, chunk: &Chunk) -> Vec<u8> {
+    let rows: u64 = info.dims.iter().skip(1).product();
+    let row_bytes = (info.size / rows.max(1)) as usize;
+    let n = info.dims.first().copied().unwrap_or(1) as usize;
+    let tensor_id = rng::fnv1a(&info.name);
+    let mut out = Vec::with_capacity(row_bytes * chunk.n_rows as usize);
+    for row in chunk.row_start..chunk.row_start + chunk.n_rows {
+        let mut r = Rng::new(rng::row_seed(seed, tensor_id, row));
+        match fill {
+            Fill::Ones => {
+                for _ in 0..n {
+                    out.extend_from_slice(&1.0f32.to_le_bytes());
+                }
+            }
+            Fill::Router { std, skew } => {
+                let scale = std * (skew * r.normal()).exp();
+                for _ in 0..n {
+                    out.extend_from_slice(&((scale * r.normal()) as f32).to_le_bytes());
+                }
+            }
+            Fill::Quant {
+                std,
+                damped_rows,
+                damping,
+            } => {
+                let std = if row < damped_rows {
+                    std * damping
+                } else {
+                    std
+                };
+                if info.ggml_type == GgmlType::Q4_K {
+                    quant::q4_k_row(&mut r, n, std, &mut out);
+                } else {
+                    quant::q8_0_row(&mut r, n, std, &mut out);
+                }
+            }
+        }
+    }
+    debug_assert_eq!(out.len(), row_bytes * chunk.n_rows as usize);
+    out
+}
+
+/// Removes the temp file unless the write completed.
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes the model `config` describes to `path` atomically, generating chunks on
+/// `threads` worker threads (at least 1), and returns what it wrote.
+pub fn write_model(
+    config: &SynthConfig,
+    path: &Path,
+    threads: usize,
+) -> Result<Manifest, SynthError> {
+    config.validate()?;
+    let md = metadata(config);
+    let planned = plan_tensors(config);
+    let specs: Vec<TensorSpec> = planned.iter().map(|p| p.spec.clone()).collect();
+    let fills: Vec<Fill> = planned.iter().map(|p| p.fill).collect();
+    let lay = gguf::layout(&md, &specs)?;
+
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SynthError::Io { path: p, source }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| SynthError::Config(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut guard = TempGuard {
+        path: tmp.clone(),
+        armed: true,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+
+    file.write_all(&lay.header).map_err(io(&tmp))?;
+    write_data(config.seed, &lay, &fills, &mut file, threads.max(1), &tmp)?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    guard.armed = false;
+    // Make the rename itself durable.
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&dir))?;
+
+    Ok(Manifest {
+        path: path.to_path_buf(),
+        config: config.clone(),
+        metadata: md,
+        tensors: lay.tensors,
+        alignment: lay.alignment,
+        data_offset: lay.data_offset,
+        file_size: lay.file_size,
+    })
+}
+
+/// Generates all chunks on worker threads (chunk i on worker i % n) and writes them in
+/// order, with zero padding after each tensor. Each worker has its own bounded channel,
+/// so memory stays at a few chunks per worker.
+fn write_data(
+    seed: u64,
+    lay: &gguf::GgufLayout,
+    fills: &[Fill],
+    out: &mut File,
+    threads: usize,
+    tmp: &Path,
+) -> Result<(), SynthError> {
+    let all = chunks(&lay.tensors);
+    let tensors = &lay.tensors;
+    let io = |source| SynthError::Io {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    std::thread::scope(|s| {
+        let mut receivers = Vec::with_capacity(threads);
+        for w in 0..threads {
+            let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(2);
+            receivers.push(rx);
+            let all = &all;
+            s.spawn(move || {
+                for c in all.iter().skip(w).step_by(threads) {
+                    let (Some(info), Some(fill)) = (tensors.get(c.tensor), fills.get(c.tensor))
+                    else {
+                        return;
+                    };
+                    if tx.send(generate(seed, info, *fill, c)).is_err() {
+                        return; // the writer stopped on an error
+                    }
+                }
+            });
+        }
+        let mut written = lay.data_offset;
+        for (i, c) in all.iter().enumerate() {
+            let rx = &receivers[i % threads];
+            let buf = rx
+                .recv()
+                .map_err(|_| SynthError::Worker(format!("no data for chunk {i}")))?;
+            out.write_all(&buf).map_err(io)?;
+            written += buf.len() as u64;
+            let last_of_tensor = all.get(i + 1).is_none_or(|n| n.tensor != c.tensor);
+            if last_of_tensor {
+                let end = match tensors.get(c.tensor + 1) {
+                    Some(next) => lay.data_offset + next.offset,
+                    None => lay.file_size,
+                };
+                let pad = end.checked_sub(written).ok_or_else(|| {
+                    SynthError::Worker(format!("tensor {} overran its slot", c.tensor))
+                })?;
+                out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+                written = end;
+            }
+        }
+        drop(receivers);
+        if written != lay.file_size {
+            return Err(SynthError::Worker(format!(
+                "wrote {written} bytes, layout says {}",
+                lay.file_size
+            )));
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,246 @@
+//! Quantized blocks made directly from random bits, with f16 scales chosen so that the
+//! dequantized weights are zero-mean with a requested standard deviation. Also the f16
+//! conversion and reference dequantizers the tests check the encodings with.
+
+use super::rng::Rng;
+
+/// Elements per Q8_0 block.
+pub const Q8_0_BLOCK: usize = 32;
+/// Bytes per Q8_0 block: f16 scale + 32 int8.
+pub const Q8_0_BYTES: usize = 34;
+/// Elements per Q4_K super-block.
+pub const Q4_K_BLOCK: usize = 256;
+/// Bytes per Q4_K super-block: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 nibble bytes.
+pub const Q4_K_BYTES: usize = 144;
+
+/// Standard deviation of a Q8_0 quant drawn uniformly from -127..=127 with 0 taking
+/// the place of -128 (so the mean is exactly 0): sqrt(sum k^2 / 256).
+const Q8_STD: f64 = 73.467_254_950_258_6;
+/// Every Q4_K sub-block uses scale 8 and min 60 with dmin = d, so a weight is
+/// d * (8q - 60) = 8d (q - 7.5) for a uniform nibble q: zero mean, std 8d * sqrt(255/12).
+const Q4K_SCALE: u8 = 8;
+const Q4K_MIN: u8 = 60;
+const Q4K_STD_PER_D: f64 = 36.878_177_829_171_55;
+
+/// f32 -> IEEE half bits, round to nearest even (overflow to infinity, NaN kept NaN).
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x007f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x0200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x0080_0000;
+        let shift = (14 - e) as u32;
+        let h = m >> shift;
+        let rem = m & ((1 << shift) - 1);
+        let half = 1 << (shift - 1);
+        let h = if rem > half || (rem == half && h & 1 == 1) {
+            h + 1
+        } else {
+            h
+        };
+        return sign | h as u16;
+    }
+    let h = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    let h = if rem > 0x1000 || (rem == 0x1000 && h & 1 == 1) {
+        h + 1
+    } else {
+        h
+    };
+    sign | h as u16
+}
+
+/// IEEE half bits -> f32 (exact).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let man = f32::from(h & 0x3ff);
+    match exp {
+        0 => sign * man * 2f32.powi(-24),
+        0x1f if man == 0.0 => sign * f32::INFINITY,
+        0x1f => f32::NAN,
+        _ => sign * (1.0 + man / 1024.0) * 2f32.powi(exp - 15),
+    }
+}
+
+/// Appends one row of `n` Q8_0 weights (n a multiple of 32) with standard deviation `std`.
+pub fn q8_0_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
+    let d = f32_to_f16((std / Q8_STD) as f32).to_le_bytes();
+    let mut qs = [0u8; Q8_0_BLOCK];
+    for _ in 0..n / Q8_0_BLOCK {
+        rng.fill_bytes(&mut qs);
+        for q in &mut qs {
+            if *q == 0x80 {
+                *q = 0; // -128 would skew the mean; 0 takes its place
+            }
+        }
+        out.extend_from_slice(&d);
+        out.extend_from_slice(&qs);
+    }
+}
+
+/// Packs eight 6-bit scales and mins the way `get_scale_min_k4` unpacks them.
+pub fn pack_q4k_scales(sc: [u8; 8], m: [u8; 8]) -> [u8; 12] {
+    let mut q = [0u8; 12];
+    for j in 0..4 {
+        q[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        q[j + 4] = (m[j] & 63) | ((m[j + 4] >> 4) << 6);
+        q[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
+    q
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
+pub fn unpack_q4k_scale(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Appends one row of `n` Q4_K weights (n a multiple of 256) with standard deviation `std`.
+pub fn q4_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
+    let d = f32_to_f16((std / Q4K_STD_PER_D) as f32).to_le_bytes();
+    let scales = pack_q4k_scales([Q4K_SCALE; 8], [Q4K_MIN; 8]);
+    let mut qs = [0u8; Q4_K_BLOCK / 2];
+    for _ in 0..n / Q4_K_BLOCK {
+        rng.fill_bytes(&mut qs);
+        out.extend_from_slice(&d); // d
+        out.extend_from_slice(&d); // dmin = d: the mins cancel the nibble mean
+        out.extend_from_slice(&scales);
+        out.extend_from_slice(&qs);
+    }
+}
+
+/// Dequantizes Q8_0 blocks (reference, for tests).
+pub fn dequant_q8_0(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(Q8_0_BYTES) {
+        let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+        out.extend(b[2..].iter().map(|&q| d * f32::from(q as i8)));
+    }
+    out
+}
+
+/// Dequantizes Q4_K blocks the way ggml's `dequantize_row_q4_K` does (reference, for
+/// tests).
+pub fn dequant_q4_k(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(Q4_K_BYTES) {
+        let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+        let dmin = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&b[4..16]);
+        let qs = &b[16..];
+        // 4 groups of 64 weights: 32 low nibbles then 32 high nibbles of 32 bytes.
+        for g in 0..4 {
+            let (sc1, m1) = unpack_q4k_scale(2 * g, &scales);
+            let (sc2, m2) = unpack_q4k_scale(2 * g + 1, &scales);
+            let q = &qs[32 * g..32 * g + 32];
+            for &x in q {
+                out.push(d * f32::from(sc1) * f32::from(x & 0xf) - dmin * f32::from(m1));
+            }
+            for &x in q {
+                out.push(d * f32::from(sc2) * f32::from(x >> 4) - dmin * f32::from(m2));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(x: &[f32]) -> (f64, f64) {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn f16_round_trip() {
+        for x in [
+            0.0f32,
+            1.0,
+            -2.5,
+            65504.0,
+            6.103_515_6e-5,
+            5.960_464_5e-8,
+            0.000_847,
+        ] {
+            let h = f32_to_f16(x);
+            let back = f16_to_f32(h);
+            assert!(
+                (back - x).abs() <= x.abs() * 1e-3 + 6e-8,
+                "{x} -> {h:#x} -> {back}"
+            );
+        }
+        assert_eq!(f32_to_f16(1.0), 0x3c00);
+        assert_eq!(f32_to_f16(-2.0), 0xc000);
+        assert_eq!(f32_to_f16(65504.0), 0x7bff);
+        assert_eq!(f32_to_f16(1e6), 0x7c00);
+        assert_eq!(f32_to_f16(5.960_464_5e-8), 0x0001);
+        assert_eq!(f32_to_f16(1.0 + 1.0 / 2048.0), 0x3c00, "ties to even");
+        assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
+        // Every half value survives half -> f32 -> half.
+        for h in 0..=0xffffu16 {
+            let x = f16_to_f32(h);
+            if !x.is_nan() {
+                assert_eq!(f32_to_f16(x), h, "{h:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn scale_packing_matches_ggml_unpacking() {
+        let sc = [1, 2, 63, 17, 33, 48, 0, 62];
+        let m = [5, 60, 9, 31, 63, 16, 47, 2];
+        let q = pack_q4k_scales(sc, m);
+        for j in 0..8 {
+            assert_eq!(unpack_q4k_scale(j, &q), (sc[j], m[j]), "sub-block {j}");
+        }
+    }
+
+    #[test]
+    fn q8_0_blocks_have_requested_std() {
+        let mut rng = Rng::new(1);
+        let mut buf = Vec::new();
+        q8_0_row(&mut rng, 32 * 4096, 0.05, &mut buf);
+        assert_eq!(buf.len(), 4096 * Q8_0_BYTES);
+        let (mean, std) = stats(&dequant_q8_0(&buf));
+        assert!(mean.abs() < 0.05 * 0.01, "mean {mean}");
+        assert!((std / 0.05 - 1.0).abs() < 0.01, "std {std}");
+    }
+
+    #[test]
+    fn q4_k_blocks_have_requested_std() {
+        let mut rng = Rng::new(2);
+        let mut buf = Vec::new();
+        q4_k_row(&mut rng, 256 * 512, 0.03, &mut buf);
+        assert_eq!(buf.len(), 512 * Q4_K_BYTES);
+        let (mean, std) = stats(&dequant_q4_k(&buf));
+        assert!(mean.abs() < 0.03 * 0.01, "mean {mean}");
+        assert!((std / 0.03 - 1.0).abs() < 0.01, "std {std}");
+    }
+}

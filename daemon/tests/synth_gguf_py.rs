@@ -1,0 +1,138 @@
+//! Cross-check with upstream's own Python reader (vendor/llama.cpp/gguf-py): a generated
+//! model parses there with the same tensors (name, type, shape, absolute offset, bytes)
+//! and the same metadata, and upstream's dequantizers see the weight statistics our
+//! reference dequantizers see.
+//!
+//! Ignored by default: it needs python3 with numpy and the fetched vendor tree, which CI
+//! does not have. Run it with `cargo test -p expertd --test synth_gguf_py -- --ignored`;
+//! it fails (does not skip) when a prerequisite is missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use expertd::gguf::GgmlType;
+use expertd::synth::{self, ExpertType, Preset, SynthConfig, quant};
+
+const SCRIPT: &str = r#"
+import json, sys
+import numpy as np
+import gguf
+r = gguf.GGUFReader(sys.argv[1])
+out = {"tensors": [], "fields": {}}
+for t in r.tensors:
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+    out["tensors"].append({
+        "name": t.name, "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
+        "offset": int(t.data_offset), "n_bytes": int(t.n_bytes),
+        "mean": float(w.mean()), "std": float(w.std()),
+    })
+for k, f in r.fields.items():
+    if k.startswith("GGUF."):
+        continue
+    v = f.contents()
+    out["fields"][k] = len(v) if isinstance(v, list) else v
+print(json.dumps(out))
+"#;
+
+fn gguf_py() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vendor/llama.cpp/gguf-py")
+}
+
+#[test]
+#[ignore = "needs python3 + numpy and vendor/llama.cpp/gguf-py; run with --ignored"]
+fn upstream_python_reader_agrees() {
+    let py = gguf_py();
+    assert!(
+        py.join("gguf/gguf_reader.py").exists(),
+        "{} is missing: run vendor/fetch.sh",
+        py.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, ty) in [ExpertType::Q4K, ExpertType::Q8_0].into_iter().enumerate() {
+        let path = dir.path().join(format!("m{i}.gguf"));
+        let mut cfg = SynthConfig::preset(Preset::Tiny);
+        cfg.expert_type = ty;
+        cfg.seed = 11;
+        let m = synth::write_model(&cfg, &path, 2).expect("write");
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(&path)
+            .env("PYTHONPATH", &py)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "gguf-py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let tensors = v["tensors"].as_array().expect("tensors");
+        assert_eq!(tensors.len(), m.tensors.len());
+        let bytes = std::fs::read(&path).expect("read");
+        for (p, t) in tensors.iter().zip(&m.tensors) {
+            assert_eq!(p["name"], t.name.as_str());
+            assert_eq!(p["type"], t.ggml_type.0);
+            // GGUFReader's `shape` is in ggml order, like our dims.
+            let shape: Vec<u64> = p["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .collect();
+            assert_eq!(shape, t.dims, "{}", t.name);
+            assert_eq!(p["offset"], m.data_offset + t.offset, "{}", t.name);
+            assert_eq!(p["n_bytes"], t.size, "{}", t.name);
+            // Upstream's dequantizer and ours agree on the weight statistics.
+            let s = (m.data_offset + t.offset) as usize;
+            let raw = &bytes[s..s + t.size as usize];
+            let ours: Vec<f32> = match t.ggml_type {
+                GgmlType::Q4_K => quant::dequant_q4_k(raw),
+                GgmlType::Q8_0 => quant::dequant_q8_0(raw),
+                _ => raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            };
+            let n = ours.len() as f64;
+            let mean = ours.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+            let std = (ours
+                .iter()
+                .map(|&x| (f64::from(x) - mean).powi(2))
+                .sum::<f64>()
+                / n)
+                .sqrt();
+            let (pm, ps) = (
+                p["mean"].as_f64().expect("mean"),
+                p["std"].as_f64().expect("std"),
+            );
+            assert!(
+                (pm - mean).abs() <= 1e-6 * (1.0 + std),
+                "{}: mean {pm} vs {mean}",
+                t.name
+            );
+            assert!(
+                (ps - std).abs() <= 1e-6 * (1.0 + std),
+                "{}: std {ps} vs {std}",
+                t.name
+            );
+        }
+        let fields = v["fields"].as_object().expect("fields");
+        assert_eq!(fields.len(), m.metadata.len());
+        for (k, val) in &m.metadata {
+            let p = &fields[k.as_str()];
+            match val {
+                expertd::gguf::Value::Array(a) => assert_eq!(p, a.len(), "{k}"),
+                expertd::gguf::Value::String(s) => assert_eq!(p, s.as_str(), "{k}"),
+                other => {
+                    let ours = other.as_f64().or(match other {
+                        expertd::gguf::Value::Bool(b) => Some(f64::from(u8::from(*b))),
+                        _ => None,
+                    });
+                    let theirs = p.as_f64().or(p.as_bool().map(|b| f64::from(u8::from(b))));
+                    assert_eq!(theirs, ours, "{k}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The synthetic model generator: what it writes reads back exactly (compared with the
+//! generator's own manifest), the file is deterministic per seed and thread count, the
+//! weights have the statistics the generator promises, bad options are refused with a
+//! clear message, and no temp file is left behind.
+
+use std::collections::BTreeMap;
+
+use expertd::gguf::{GgmlType, GgufFile, ModelInfo, Value};
+use expertd::synth::{self, ExpertType, Preset, SynthConfig, quant};
+
+/// A small model (about 1 MiB) for the tests that write files.
+fn small(seed: u64) -> SynthConfig {
+    let mut c = SynthConfig::preset(Preset::Tiny);
+    c.layers = 2;
+    c.n_expert = 8;
+    c.n_expert_used = 2;
+    c.vocab = 512;
+    c.seed = seed;
+    c
+}
+
+#[test]
+fn round_trip_matches_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, expert_type) in [ExpertType::Q4K, ExpertType::Q8_0].into_iter().enumerate() {
+        let path = dir.path().join(format!("m{i}.gguf"));
+        let mut cfg = SynthConfig::preset(Preset::Tiny);
+        cfg.expert_type = expert_type;
+        let m = synth::write_model(&cfg, &path, 2).expect("write");
+        let f = GgufFile::open(&path).expect("read back");
+
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), m.file_size);
+        assert_eq!(f.file_size, m.file_size);
+        assert_eq!(f.data_offset, m.data_offset);
+        assert_eq!(f.alignment, m.alignment);
+        assert_eq!(f.version, 3);
+        // Every tensor: name, dims, type, offset and size, in file order.
+        assert_eq!(f.tensors, m.tensors);
+        // Every key with its value, and nothing else.
+        assert_eq!(f.metadata.len(), m.metadata.len());
+        for (k, v) in &m.metadata {
+            assert_eq!(f.get(k), Some(v), "key {k}");
+        }
+
+        // The summary agrees with the config.
+        let info = ModelInfo::from_gguf(&f).expect("summary");
+        assert_eq!(info.arch, "qwen3moe");
+        assert_eq!(info.block_count, cfg.layers);
+        assert_eq!(info.n_embd, u64::from(cfg.n_embd));
+        assert_eq!(info.n_head, cfg.n_head);
+        assert_eq!(info.n_head_kv, cfg.n_head_kv);
+        assert_eq!(info.context_length, u64::from(cfg.ctx));
+        assert_eq!(info.expert_count, cfg.n_expert);
+        assert_eq!(info.expert_used_count, cfg.n_expert_used);
+        let ty = expert_type.ggml();
+        let row = |n: u32| ty.row_bytes(u64::from(n)).expect("row");
+        let one_expert = 2 * row(cfg.n_embd) * u64::from(cfg.expert_ffn)
+            + row(cfg.expert_ffn) * u64::from(cfg.n_embd);
+        let expected: BTreeMap<u32, u64> = (0..cfg.layers).map(|l| (l, one_expert)).collect();
+        assert_eq!(info.expert_bytes_per_layer, expected);
+        assert_eq!(
+            info.expert_bytes,
+            one_expert * u64::from(cfg.n_expert * cfg.layers)
+        );
+        assert_eq!(
+            info.kv_bytes_per_token_f16,
+            2 * 2 * u64::from(cfg.layers * cfg.n_head_kv * cfg.head_dim())
+        );
+        assert_eq!(info.total_bytes, f.tensor_bytes());
+    }
+    // Only the two models are left in the directory: no temp files.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+/// The tensors and keys the pinned qwen3moe loader asks for (src/models/qwen3moe.cpp,
+/// src/llama-model.cpp load_hparams, src/llama-vocab.cpp), with their shapes.
+#[test]
+fn has_what_the_qwen3moe_loader_needs() {
+    let cfg = SynthConfig::preset(Preset::Bench);
+    let (md, lay) = synth::layout(&cfg).expect("layout");
+    let md: BTreeMap<&str, &Value> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let u = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("{k}"))
+    };
+    assert_eq!(md["general.architecture"].as_str(), Some("qwen3moe"));
+    assert_eq!(u("qwen3moe.block_count"), 24);
+    assert_eq!(u("qwen3moe.embedding_length"), 1024);
+    assert_eq!(u("qwen3moe.attention.head_count"), 16);
+    assert_eq!(u("qwen3moe.attention.head_count_kv"), 4);
+    assert_eq!(u("qwen3moe.attention.key_length"), 64);
+    assert_eq!(u("qwen3moe.expert_count"), 128);
+    assert_eq!(u("qwen3moe.expert_used_count"), 8);
+    assert_eq!(u("qwen3moe.expert_feed_forward_length"), 512);
+    assert!(
+        md["qwen3moe.attention.layer_norm_rms_epsilon"]
+            .as_f64()
+            .is_some()
+    );
+    assert_eq!(md["tokenizer.ggml.model"].as_str(), Some("llama"));
+    let n_tokens = md["tokenizer.ggml.tokens"]
+        .as_array()
+        .expect("tokens")
+        .len();
+    assert_eq!(n_tokens, 4096);
+    assert_eq!(
+        md["tokenizer.ggml.scores"]
+            .as_array()
+            .expect("scores")
+            .len(),
+        n_tokens
+    );
+    assert_eq!(
+        md["tokenizer.ggml.token_type"]
+            .as_array()
+            .expect("types")
+            .len(),
+        n_tokens
+    );
+
+    let by_name: BTreeMap<&str, (&[u64], GgmlType)> = lay
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), (t.dims.as_slice(), t.ggml_type)))
+        .collect();
+    let expect = |name: &str, dims: &[u64], ty: GgmlType| {
+        let (d, t) = by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("missing {name}"));
+        assert_eq!((*d, *t), (dims, ty), "{name}");
+    };
+    let (q8, f32_, q4k) = (GgmlType::Q8_0, GgmlType::F32, GgmlType::Q4_K);
+    expect("token_embd.weight", &[1024, 4096], q8);
+    expect("output_norm.weight", &[1024], f32_);
+    expect("output.weight", &[1024, 4096], q8);
+    for l in 0..24 {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        expect(&n("attn_norm"), &[1024], f32_);
+        expect(&n("attn_q"), &[1024, 1024], q8);
+        expect(&n("attn_k"), &[1024, 256], q8);
+        expect(&n("attn_v"), &[1024, 256], q8);
+        expect(&n("attn_output"), &[1024, 1024], q8);
+        expect(&n("attn_q_norm"), &[64], f32_);
+        expect(&n("attn_k_norm"), &[64], f32_);
+        expect(&n("ffn_norm"), &[1024], f32_);
+        expect(&n("ffn_gate_inp"), &[1024, 128], f32_);
+        expect(&n("ffn_gate_exps"), &[1024, 512, 128], q4k);
+        expect(&n("ffn_up_exps"), &[1024, 512, 128], q4k);
+        expect(&n("ffn_down_exps"), &[512, 1024, 128], q4k);
+    }
+    // Nothing else: the loader rejects files with tensors it did not ask for.
+    assert_eq!(lay.tensors.len(), 3 + 24 * 12);
+    // About 2.6 GiB, one expert 0.84 MiB per layer.
+    let gib = lay.file_size as f64 / f64::from(1u32 << 30);
+    assert!((2.55..2.65).contains(&gib), "{gib} GiB");
+    let gate = by_name["blk.0.ffn_gate_exps.weight"];
+    assert_eq!(q4k.row_bytes(gate.0[0]).expect("row") * 512 * 3, 884_736);
+}
+
+#[test]
+fn deterministic_per_seed_and_thread_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, seed: u64, threads: usize| {
+        let p = dir.path().join(name);
+        synth::write_model(&small(seed), &p, threads).expect("write");
+        std::fs::read(&p).expect("read")
+    };
+    let a = write("a.gguf", 7, 1);
+    let b = write("b.gguf", 7, 3);
+    let c = write("c.gguf", 8, 1);
+    assert!(
+        a == b,
+        "same seed must give the same bytes, whatever the thread count"
+    );
+    assert_eq!(a.len(), c.len());
+    let f = GgufFile::parse_bytes(&a).expect("parse");
+    // Every tensor with random content differs under another seed (norms are all ones).
+    for t in &f.tensors {
+        let start = (f.data_offset + t.offset) as usize;
+        let range = start..start + t.size as usize;
+        let same = a[range.clone()] == c[range];
+        assert_eq!(same, t.name.ends_with("norm.weight"), "{}", t.name);
+    }
+}
+
+/// Dequantizes a tensor's bytes with the reference dequantizers.
+fn dequant(bytes: &[u8], ty: GgmlType) -> Vec<f32> {
+    match ty {
+        GgmlType::Q4_K => quant::dequant_q4_k(bytes),
+        GgmlType::Q8_0 => quant::dequant_q8_0(bytes),
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        other => panic!("unexpected type {other}"),
+    }
+}
+
+fn mean_std(x: &[f32]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn weights_have_the_promised_statistics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.gguf");
+    let mut cfg = SynthConfig::preset(Preset::Tiny);
+    cfg.token_weight = 2.0;
+    cfg.context_weight = 0.5;
+    cfg.router_skew = 1.0;
+    cfg.seed = 3;
+    let m = synth::write_model(&cfg, &path, 2).expect("write");
+    let bytes = std::fs::read(&path).expect("read");
+    let data = |name: &str| {
+        let t = m.tensors.iter().find(|t| t.name == name).expect(name);
+        let s = (m.data_offset + t.offset) as usize;
+        dequant(&bytes[s..s + t.size as usize], t.ggml_type)
+    };
+    let check = |name: &str, want: f64| {
+        let (mean, std) = mean_std(&data(name));
+        assert!(mean.abs() < 0.02 * want, "{name}: mean {mean}");
+        assert!(
+            (std / want - 1.0).abs() < 0.03,
+            "{name}: std {std}, want {want}"
+        );
+    };
+    let e = f64::from(cfg.n_embd);
+    check("token_embd.weight", 2.0);
+    check("blk.1.attn_q.weight", 1.0 / e.sqrt());
+    check("blk.1.attn_output.weight", 0.5 / e.sqrt());
+    check("blk.2.ffn_gate_exps.weight", 1.0 / e.sqrt());
+    check(
+        "blk.2.ffn_down_exps.weight",
+        1.0 / f64::from(cfg.expert_ffn).sqrt(),
+    );
+    assert!(data("blk.0.ffn_norm.weight").iter().all(|&x| x == 1.0));
+
+    // Router rows: log-normal scales, so their stds spread by about exp(+-skew).
+    let router = data("blk.0.ffn_gate_inp.weight");
+    let mut row_stds: Vec<f64> = router
+        .chunks_exact(cfg.n_embd as usize)
+        .map(|r| mean_std(r).1)
+        .collect();
+    row_stds.sort_by(f64::total_cmp);
+    let log_stds: Vec<f64> = row_stds.iter().map(|s| s.ln()).collect();
+    let (_, sigma) = mean_std(&log_stds.iter().map(|&x| x as f32).collect::<Vec<_>>());
+    assert!(
+        (0.6..1.5).contains(&sigma),
+        "log-std of router rows {sigma}, want about 1"
+    );
+
+    // Output rows of special and byte tokens are damped.
+    let out = data("output.weight");
+    let rows: Vec<&[f32]> = out.chunks_exact(cfg.n_embd as usize).collect();
+    let special = mean_std(&rows[..259].concat()).1;
+    let normal = mean_std(&rows[259..].concat()).1;
+    assert!(
+        (normal / special - 16.0).abs() < 1.0,
+        "{normal} / {special}"
+    );
+}
+
+/// A change to a config, and a fragment of the error it must cause.
+type BadCase = (fn(&mut SynthConfig), &'static str);
+
+#[test]
+fn bad_options_are_refused_clearly() {
+    let cases: Vec<BadCase> = vec![
+        (
+            |c| c.n_embd = 320,
+            "--embd 320 must be a positive multiple of 256",
+        ),
+        (
+            |c| c.expert_ffn = 100,
+            "--expert-ffn 100 must be a positive multiple of 256",
+        ),
+        (|c| c.n_head = 3, "must be a multiple of --heads 3"),
+        (|c| c.n_head_kv = 3, "must be a multiple of --heads-kv 3"),
+        (
+            |c| c.n_expert_used = 64,
+            "--experts-used 64 must be in 1..=--experts (32)",
+        ),
+        (|c| c.vocab = 100, "--vocab 100 must be in"),
+        (|c| c.layers = 0, "--layers 0"),
+        (|c| c.router_skew = f32::NAN, "--router-skew"),
+        (|c| c.token_weight = -1.0, "--token-weight"),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (tweak, fragment) in cases {
+        let mut c = SynthConfig::preset(Preset::Tiny);
+        tweak(&mut c);
+        let p = dir.path().join("x.gguf");
+        let e = synth::write_model(&c, &p, 1)
+            .expect_err(fragment)
+            .to_string();
+        assert!(e.contains(fragment), "{e:?} lacks {fragment:?}");
+        assert!(!p.exists());
+    }
+    // Q8_0 experts only need multiples of 32.
+    let mut c = SynthConfig::preset(Preset::Tiny);
+    c.expert_type = ExpertType::Q8_0;
+    c.expert_ffn = 96;
+    c.validate().expect("q8_0 rows of 96");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("ls").count(),
+        0,
+        "no temp files left"
+    );
+}
+
+#[test]
+fn write_errors_leave_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no/such/dir/m.gguf");
+    let e = synth::write_model(&small(1), &missing, 1).expect_err("missing dir");
+    assert!(e.to_string().contains("no/such/dir"), "{e}");
+    // An existing file is replaced atomically: the old content stays until the rename.
+    let p = dir.path().join("m.gguf");
+    std::fs::write(&p, b"old").expect("write");
+    synth::write_model(&small(1), &p, 1).expect("replace");
+    GgufFile::open(&p).expect("new file is complete");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+}
