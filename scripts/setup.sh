@@ -39,5 +39,13 @@ fi
 rustc_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
 [ "$rustc_minor" -ge 85 ] || die "Rust $(rustc --version) is too old; 1.85 or later is needed (rustup update)"
 
+# Python packages upstream's gguf-py needs; a test reads our synthetic models with it.
+if ! python3 -c 'import numpy, yaml' 2>/dev/null; then
+  say "installing numpy and PyYAML for python3"
+  python3 -m pip install --quiet 'numpy>=2.2.6' pyyaml 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'numpy>=2.2.6' pyyaml \
+    || die "could not install numpy and PyYAML with pip"
+fi
+
 bash vendor/fetch.sh
 say "done"

@@ -3,9 +3,8 @@
 //! and the same metadata, and upstream's dequantizers see the weight statistics our
 //! reference dequantizers see.
 //!
-//! Ignored by default: it needs python3 with numpy and the fetched vendor tree, which CI
-//! does not have. Run it with `cargo test -p expertd --test synth_gguf_py -- --ignored`;
-//! it fails (does not skip) when a prerequisite is missing.
+//! It needs python3 with numpy and PyYAML (scripts/setup.sh installs them) and the fetched
+//! vendor tree; it fails (does not skip) when a prerequisite is missing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,7 +38,6 @@ fn gguf_py() -> PathBuf {
 }
 
 #[test]
-#[ignore = "needs python3 + numpy and vendor/llama.cpp/gguf-py; run with --ignored"]
 fn upstream_python_reader_agrees() {
     let py = gguf_py();
     assert!(
