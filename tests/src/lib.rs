@@ -4,6 +4,8 @@
 //! These tests run the real engine. They fail (never skip) when it is not built: build it
 //! with `expertd engine build` and `expertd engine build --stock` (scripts/test.sh does).
 
+pub mod daemon_support;
+
 use std::fs;
 use std::io::Read;
 use std::net::TcpListener;

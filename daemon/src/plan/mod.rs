@@ -1,0 +1,1134 @@
+//! The planner: a pure function from a probe [`Snapshot`] and the [`Config`] to a [`Plan`]
+//! — where the weights go, whether the expert pool is on and how many slots it gets,
+//! context and KV type, threads and batch sizes, the memory each tier will hold, a
+//! roofline prediction of decode speed, and a reason for every choice.
+//!
+//! Invariants: [`plan`] does no I/O, cannot fail and is deterministic. Budgets come from
+//! totals (RAM, cgroup limit, VRAM), not from what is free now, so re-planning while the
+//! engine runs gives the same plan. A plan with `within_budget == true` predicts no tier
+//! above its budget; when no placement fits, the plan says so (`within_budget == false`,
+//! with a warning) rather than failing.
+//!
+//! The model (all numbers are stated in the reasons of every plan):
+//! - Per decoded token the engine reads all non-expert weights once and `n_used` experts
+//!   of every MoE layer from the tier that computes them; with the pool, a miss is first
+//!   copied into a slot (from the RAM cache over PCIe, or from disk) and then read. Time per token is the sum over tiers of bytes / bandwidth (no
+//!   overlap: a lower bound on speed's upper bound, i.e. a roofline).
+//! - Bandwidths: VRAM and PCIe from NVML when probed (else [`ASSUMED_VRAM_BW`],
+//!   [`ASSUMED_PCIE_BW`]); RAM is not probed: [`RAM_BW_PER_THREAD`] per decode thread up
+//!   to [`RAM_BW_MAX`]; disk from the probe (else [`ASSUMED_DISK_BW`]).
+//! - Pool hit rate with `N` of `E` experts resident per layer: `(N/E)^0.25` (0.71 at 1/4,
+//!   close to the 74.9% LRU hit rate published for Qwen3-235B at 32 of 128; 0.5 at 1/16,
+//!   in the 25-47% range of consecutive-token reuse published for OLMoE).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::config::{Budget, Config, KvType, PoolMode, human_bytes};
+use crate::probe::Snapshot;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Assumed RAM read bandwidth per decode thread (RAM is not probed).
+pub const RAM_BW_PER_THREAD: u64 = 10_000_000_000;
+/// Upper bound of the assumed RAM bandwidth.
+pub const RAM_BW_MAX: u64 = 80_000_000_000;
+/// VRAM bandwidth when NVML does not report it.
+pub const ASSUMED_VRAM_BW: u64 = 300_000_000_000;
+/// Host-to-GPU bandwidth when NVML does not report it (PCIe 4 x8-ish, conservative).
+pub const ASSUMED_PCIE_BW: u64 = 12_000_000_000;
+/// Disk read bandwidth when the probe has no result (DESIGN.md §4: 1.0 GiB/s at depth 1).
+pub const ASSUMED_DISK_BW: u64 = 1_000_000_000;
+/// Exponent of the assumed hit-rate curve `(N/E)^HIT_EXPONENT`.
+pub const HIT_EXPONENT: f64 = 0.25;
+/// The engine's own RAM besides weights, KV and compute buffers (measured: llama-server
+/// with a 15 MiB model holds 21 MiB of anonymous memory; this keeps a wide margin).
+pub const ENGINE_BASE_RAM: u64 = 128 * MIB;
+/// Context when the model says nothing and the config sets none, and the default cap.
+pub const DEFAULT_MAX_CTX: u32 = 32768;
+/// The smallest context the planner shrinks to.
+pub const MIN_CTX: u32 = 2048;
+/// KV cache gets at most this fraction of its tier's budget (auto context).
+pub const KV_SHARE: f64 = 0.25;
+
+/// Where a group of bytes lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Vram,
+    Ram,
+    Disk,
+}
+
+impl Tier {
+    /// The name in plan documents.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Vram => "vram",
+            Tier::Ram => "ram",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
+/// The expert pool's settings, when it is on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolPlan {
+    /// N_SLOTS per MoE layer (layer index -> slots); the same for every layer today.
+    pub slots_per_layer: BTreeMap<u32, u32>,
+    /// The slot count passed to the engine (`--expert-pool-slots`).
+    pub slots: u32,
+    /// Where the slots live.
+    pub slot_tier: Tier,
+    /// RAM cache between the slots and the disk (GPU hosts), MiB; 0 on CPU hosts where the
+    /// slots are the RAM tier. Passed as `--expert-pool-mib`.
+    pub cache_mib: u64,
+    pub policy: String,
+    pub prefetch: bool,
+    /// Assumed hit rate of the slots.
+    pub assumed_hit_rate: f64,
+    /// Assumed fraction of lookups served by slots or the RAM cache.
+    pub assumed_ram_hit_rate: f64,
+    /// Where pool statistics are published.
+    pub stats_path: PathBuf,
+}
+
+/// Memory one tier will hold, by use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierUse {
+    pub tier: Tier,
+    pub weights: u64,
+    /// Resident experts: whole layers, pool slots, or the pool's RAM cache.
+    pub experts: u64,
+    pub kv: u64,
+    pub compute: u64,
+    pub base: u64,
+    pub budget: u64,
+}
+
+impl TierUse {
+    /// Everything the tier holds.
+    pub fn total(&self) -> u64 {
+        self.weights + self.experts + self.kv + self.compute + self.base
+    }
+}
+
+/// Bytes read per decoded token from each source, and the rates used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Roofline {
+    pub vram_bytes: u64,
+    pub ram_bytes: u64,
+    pub pcie_bytes: u64,
+    pub disk_bytes: u64,
+    pub vram_bw: u64,
+    pub ram_bw: u64,
+    pub pcie_bw: u64,
+    pub disk_bw: u64,
+    /// Seconds per token: sum of bytes / bandwidth.
+    pub seconds_per_token: f64,
+}
+
+/// One choice and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reason {
+    /// What was chosen ("pool", "ctx", "threads", ...).
+    pub topic: &'static str,
+    /// The value, as a person reads it.
+    pub choice: String,
+    pub why: String,
+}
+
+/// What the engine will run with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub model_path: PathBuf,
+    pub pool: Option<PoolPlan>,
+    /// `-ngl`: layers (of block_count + 1, the output) on the GPU.
+    pub gpu_layers: u32,
+    /// `--n-cpu-moe`: the first N layers keep their experts in RAM.
+    pub n_cpu_moe: u32,
+    pub ctx_size: u32,
+    pub kv_type: KvType,
+    /// Flash attention on (needed for a quantized V cache).
+    pub flash_attn: bool,
+    pub threads: u32,
+    pub threads_batch: u32,
+    pub batch_size: u32,
+    pub ubatch_size: u32,
+    pub parallel: u32,
+    /// Memory per tier (RAM always; VRAM when a GPU is used).
+    pub memory: Vec<TierUse>,
+    pub roofline: Roofline,
+    /// Predicted decode tokens per second (upper bound).
+    pub predicted_tok_s: f64,
+    /// The whole llama-server command line after the binary.
+    pub args: Vec<String>,
+    pub reasons: Vec<Reason>,
+    pub warnings: Vec<String>,
+    /// Whether every tier's predicted use is within its budget.
+    pub within_budget: bool,
+}
+
+/// The assumed hit rate with `slots` of `experts` per layer resident.
+pub fn assumed_hit_rate(slots: u32, experts: u32) -> f64 {
+    if experts == 0 {
+        return 1.0;
+    }
+    let f = (slots as f64 / experts as f64).clamp(0.0, 1.0);
+    f.powf(HIT_EXPONENT)
+}
+
+/// Facts derived once from the snapshot.
+struct Model {
+    layers: u32,
+    n_exp: u32,
+    n_used: u32,
+    non_expert: u64,
+    expert_total: u64,
+    /// Bytes of one expert summed over the MoE layers.
+    one_expert_all_layers: u64,
+    /// Whole-layer expert bytes, by layer index.
+    layer_experts: BTreeMap<u32, u64>,
+    /// Bytes read per token from experts (n_used of each MoE layer).
+    expert_read: u64,
+    kv_per_token_f16: u64,
+    n_embd: u64,
+    ctx_train: u64,
+}
+
+impl Model {
+    fn from(s: &Snapshot) -> Model {
+        let i = &s.model.info;
+        let n_exp = i.expert_count;
+        let layer_experts: BTreeMap<u32, u64> = i
+            .expert_bytes_per_layer
+            .iter()
+            .map(|(l, b)| (*l, b * u64::from(n_exp)))
+            .collect();
+        let one: u64 = i.expert_bytes_per_layer.values().sum();
+        Model {
+            layers: i.block_count,
+            n_exp,
+            n_used: i.expert_used_count.min(n_exp),
+            non_expert: i.non_expert_bytes,
+            expert_total: i.expert_bytes,
+            one_expert_all_layers: one,
+            layer_experts,
+            expert_read: one * u64::from(i.expert_used_count.min(n_exp)),
+            kv_per_token_f16: i.kv_bytes_per_token_f16,
+            n_embd: i.n_embd,
+            ctx_train: i.context_length,
+        }
+    }
+
+    fn moe(&self) -> bool {
+        self.n_exp > 0 && !self.layer_experts.is_empty()
+    }
+
+    fn kv(&self, ctx: u32, t: KvType) -> u64 {
+        let (n, d) = t.ratio_to_f16();
+        self.kv_per_token_f16 * u64::from(ctx) * n / d
+    }
+
+    fn compute(&self, ubatch: u32) -> u64 {
+        // Compute buffers for one ubatch with flash attention (which `auto` picks where the
+        // backend has it): a stated estimate, not measured.
+        64 * MIB + u64::from(ubatch) * self.n_embd * 64
+    }
+}
+
+/// Budgets in force.
+struct Budgets {
+    ram: u64,
+    vram: u64,
+    gpus: usize,
+}
+
+fn budgets(
+    s: &Snapshot,
+    c: &Config,
+    reasons: &mut Vec<Reason>,
+    warnings: &mut Vec<String>,
+) -> Budgets {
+    let limit = match s.host.cgroup_memory_limit {
+        Some(l) => l.min(s.host.total_ram),
+        None => s.host.total_ram,
+    };
+    let reserve = c
+        .memory
+        .ram_reserve
+        .unwrap_or_else(|| (limit / 10).clamp(256 * MIB, 4 * GIB));
+    let ram = match c.memory.ram {
+        Budget::Auto => {
+            let b = limit.saturating_sub(reserve);
+            let src = if s
+                .host
+                .cgroup_memory_limit
+                .is_some_and(|l| l < s.host.total_ram)
+            {
+                format!("cgroup limit {}", human_bytes(limit))
+            } else {
+                format!("RAM {}", human_bytes(limit))
+            };
+            reasons.push(Reason {
+                topic: "ram_budget",
+                choice: human_bytes(b),
+                why: format!("auto: {src} minus a reserve of {}", human_bytes(reserve)),
+            });
+            b
+        }
+        Budget::Bytes(b) if b > limit => {
+            warnings.push(format!(
+                "memory.ram {} is above what this host allows ({}): using {}",
+                human_bytes(b),
+                human_bytes(limit),
+                human_bytes(limit)
+            ));
+            reasons.push(Reason {
+                topic: "ram_budget",
+                choice: human_bytes(limit),
+                why: "memory.ram capped at the host's RAM / cgroup limit".into(),
+            });
+            limit
+        }
+        Budget::Bytes(b) => {
+            reasons.push(Reason {
+                topic: "ram_budget",
+                choice: human_bytes(b),
+                why: "memory.ram in the config".into(),
+            });
+            b
+        }
+    };
+    let vram_avail: u64 = s
+        .gpus
+        .iter()
+        .map(|g| g.total_memory.saturating_sub(c.memory.vram_reserve))
+        .sum();
+    let vram = match c.memory.vram {
+        Budget::Auto => vram_avail,
+        Budget::Bytes(b) => {
+            if b > vram_avail {
+                warnings.push(format!(
+                    "memory.vram {} is above the GPUs' memory less reserve ({}): using {}",
+                    human_bytes(b),
+                    human_bytes(vram_avail),
+                    human_bytes(vram_avail)
+                ));
+            }
+            b.min(vram_avail)
+        }
+    };
+    if !s.gpus.is_empty() {
+        reasons.push(Reason {
+            topic: "vram_budget",
+            choice: human_bytes(vram),
+            why: match c.memory.vram {
+                Budget::Auto => format!(
+                    "auto: {} GPU(s), total memory minus {} reserve each",
+                    s.gpus.len(),
+                    human_bytes(c.memory.vram_reserve)
+                ),
+                Budget::Bytes(_) => "memory.vram in the config".into(),
+            },
+        });
+    }
+    Budgets {
+        ram,
+        vram,
+        gpus: s.gpus.len(),
+    }
+}
+
+/// A placement of weights for a given context and KV type.
+struct Placement {
+    gpu_layers: u32,
+    n_cpu_moe: u32,
+    pool: Option<(u32, Tier, u64)>, // (slots, slot tier, ram cache bytes)
+    vram: TierUse,
+    ram: TierUse,
+    roof: (u64, u64, u64, u64), // vram, ram, pcie, disk bytes per token
+    fits: bool,
+    why: Vec<Reason>,
+}
+
+/// Plans the engine for `snapshot` under `config`. Pure; cannot fail.
+pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
+    let mut reasons = Vec::new();
+    let mut warnings = Vec::new();
+    let m = Model::from(snapshot);
+    let b = budgets(snapshot, config, &mut reasons, &mut warnings);
+    let threads = config.plan.threads.unwrap_or_else(|| {
+        snapshot
+            .host
+            .physical_cores
+            .min(snapshot.host.usable_cores)
+            .max(1)
+    });
+    let threads_batch = config
+        .plan
+        .threads
+        .unwrap_or(snapshot.host.usable_cores.max(1));
+    reasons.push(Reason {
+        topic: "threads",
+        choice: format!("{threads} (batch {threads_batch})"),
+        why: match config.plan.threads {
+            Some(_) => "plan.threads in the config".into(),
+            None => format!(
+                "decode is memory-bound: one thread per physical core ({} physical, {} usable by this process); prefill uses every usable core",
+                snapshot.host.physical_cores, snapshot.host.usable_cores
+            ),
+        },
+    });
+    if config.plan.threads.is_none() && snapshot.host.usable_cores < snapshot.host.logical_cores {
+        reasons.push(Reason {
+            topic: "cpu_limit",
+            choice: format!(
+                "{} of {} cores",
+                snapshot.host.usable_cores, snapshot.host.logical_cores
+            ),
+            why: "the process's CPU affinity or cgroup quota allows fewer cores than the host has"
+                .into(),
+        });
+    }
+
+    let use_gpu = b.gpus > 0 && b.vram > 0;
+    if b.gpus > 0 && !use_gpu {
+        warnings.push("GPU present but the VRAM budget is 0: planning for the CPU".into());
+    }
+    if b.gpus == 0
+        && let Some(n) = &snapshot.gpu_note
+    {
+        reasons.push(Reason {
+            topic: "gpu",
+            choice: "none".into(),
+            why: n.clone(),
+        });
+    }
+
+    // Context and KV type: preferred by the config, else the model's context up to the
+    // default cap, halved (after trying q8_0) while the KV cache takes more than its share.
+    let ctx_max = match config.plan.ctx_size {
+        Some(c) => c,
+        None => {
+            let t = if m.ctx_train == 0 {
+                u64::from(DEFAULT_MAX_CTX)
+            } else {
+                m.ctx_train
+            };
+            t.min(u64::from(DEFAULT_MAX_CTX)) as u32
+        }
+    };
+    let ctx_min = match config.plan.ctx_size {
+        Some(c) => c,
+        None => MIN_CTX.min(ctx_max),
+    };
+    let kv_types: Vec<KvType> = match config.plan.kv_type {
+        Some(t) => vec![t],
+        None => vec![KvType::F16, KvType::Q8_0],
+    };
+    let parallel = config.plan.parallel;
+    // The KV tier: VRAM when the non-expert weights fit there, else RAM.
+    let kv_tier_budget = if use_gpu && m.non_expert < b.vram {
+        b.vram - m.non_expert
+    } else {
+        b.ram.saturating_sub(m.non_expert)
+    };
+    let mut candidates: Vec<(u32, KvType)> = Vec::new();
+    let mut ctx = ctx_max;
+    loop {
+        for t in &kv_types {
+            candidates.push((ctx, *t));
+        }
+        if ctx <= ctx_min {
+            break;
+        }
+        ctx = (ctx / 2).max(ctx_min);
+    }
+    let kv_cap = (kv_tier_budget as f64 * KV_SHARE) as u64;
+    // First candidate whose KV is within its share and whose placement fits; else the first
+    // that fits at all; else the smallest (reported as over budget).
+    let ubatch = choose_ubatch(&m, if use_gpu { b.vram } else { b.ram });
+    let mut chosen = None;
+    for (i, (ctx, t)) in candidates.iter().enumerate() {
+        let p = place(&m, &b, config, *ctx, *t, ubatch, parallel, use_gpu);
+        if p.fits && m.kv(*ctx, *t) <= kv_cap {
+            chosen = Some((i, p));
+            break;
+        }
+    }
+    if chosen.is_none() {
+        for (i, (ctx, t)) in candidates.iter().enumerate() {
+            let p = place(&m, &b, config, *ctx, *t, ubatch, parallel, use_gpu);
+            if p.fits {
+                chosen = Some((i, p));
+                break;
+            }
+        }
+    }
+    let (idx, placement) = chosen.unwrap_or_else(|| {
+        let i = candidates.len() - 1;
+        let (ctx, t) = candidates[i];
+        (i, place(&m, &b, config, ctx, t, ubatch, parallel, use_gpu))
+    });
+    let (ctx_size, kv_type) = candidates[idx];
+    let kv_bytes = m.kv(ctx_size, kv_type);
+    reasons.push(Reason {
+        topic: "ctx",
+        choice: ctx_size.to_string(),
+        why: match config.plan.ctx_size {
+            Some(_) => "plan.ctx_size in the config".into(),
+            None if ctx_size == ctx_max => format!(
+                "the model's context ({}) capped at {DEFAULT_MAX_CTX}; its KV cache ({}) fits",
+                m.ctx_train,
+                human_bytes(kv_bytes)
+            ),
+            None => format!(
+                "halved from {ctx_max} until the KV cache ({}) takes at most {:.0}% of its tier's budget and the weights fit",
+                human_bytes(kv_bytes),
+                KV_SHARE * 100.0
+            ),
+        },
+    });
+    let flash_attn = kv_type != KvType::F16;
+    reasons.push(Reason {
+        topic: "kv_type",
+        choice: kv_type.as_str().into(),
+        why: match (config.plan.kv_type, kv_type) {
+            (Some(_), _) => "plan.kv_type in the config".into(),
+            (None, KvType::F16) => "f16: full quality, and it fits".into(),
+            (None, _) => format!(
+                "{}: an f16 cache would take more than {:.0}% of the budget at this context; needs flash attention",
+                kv_type.as_str(),
+                KV_SHARE * 100.0
+            ),
+        },
+    });
+    reasons.push(Reason {
+        topic: "batch",
+        choice: format!("-b 2048 -ub {ubatch}"),
+        why: format!(
+            "compute buffers ({}) kept to at most 10% of the fast tier; prefill batches larger than the pool's slots use the host copy of the experts",
+            human_bytes(m.compute(ubatch))
+        ),
+    });
+    if parallel > 1 {
+        reasons.push(Reason {
+            topic: "parallel",
+            choice: parallel.to_string(),
+            why: "plan.parallel in the config: the context is shared by the sequences".into(),
+        });
+    }
+    reasons.extend(placement.why.iter().cloned());
+
+    let mut memory = vec![placement.ram.clone()];
+    if use_gpu {
+        memory.insert(0, placement.vram.clone());
+    }
+    let within_budget = placement.fits;
+    if !within_budget {
+        warnings.push(format!(
+            "no placement fits the budgets (RAM {}, VRAM {}): the model needs more memory; the engine will page weights from disk",
+            human_bytes(b.ram),
+            human_bytes(b.vram)
+        ));
+    }
+
+    // Roofline.
+    let ram_bw = (u64::from(threads) * RAM_BW_PER_THREAD).min(RAM_BW_MAX);
+    let vram_bw = snapshot
+        .gpus
+        .iter()
+        .filter_map(|g| g.memory_bandwidth)
+        .min()
+        .unwrap_or(ASSUMED_VRAM_BW);
+    let pcie_bw = snapshot
+        .gpus
+        .iter()
+        .filter_map(|g| g.pcie_bandwidth)
+        .min()
+        .unwrap_or(ASSUMED_PCIE_BW);
+    let disk_bw = snapshot
+        .disk
+        .as_ref()
+        .map(|d| d.read_bytes_per_sec)
+        .filter(|b| *b > 0)
+        .unwrap_or(ASSUMED_DISK_BW);
+    let (vb, rb, pb, db) = placement.roof;
+    let secs = vb as f64 / vram_bw as f64
+        + rb as f64 / ram_bw as f64
+        + pb as f64 / pcie_bw as f64
+        + db as f64 / disk_bw as f64;
+    let predicted_tok_s = if secs > 0.0 { 1.0 / secs } else { 0.0 };
+    reasons.push(Reason {
+        topic: "prediction",
+        choice: format!("{predicted_tok_s:.1} tok/s"),
+        why: format!(
+            "roofline per token: {} from VRAM at {}/s, {} from RAM at {}/s (assumed {} per thread), {} over PCIe at {}/s, {} from disk at {}/s{}",
+            human_bytes(vb),
+            human_bytes(vram_bw),
+            human_bytes(rb),
+            human_bytes(ram_bw),
+            human_bytes(RAM_BW_PER_THREAD),
+            human_bytes(pb),
+            human_bytes(pcie_bw),
+            human_bytes(db),
+            human_bytes(disk_bw),
+            if snapshot.disk.is_none() { " (disk assumed, not probed)" } else { "" }
+        ),
+    });
+
+    let stats_path = config.state_dir.join("pool-stats.json");
+    let pool = placement.pool.map(|(slots, tier, cache)| {
+        let h = assumed_hit_rate(slots, m.n_exp);
+        let cache_experts = cache.checked_div(m.one_expert_all_layers).unwrap_or(0);
+        let h_ram = assumed_hit_rate(
+            (u64::from(slots) + cache_experts).min(u64::from(m.n_exp)) as u32,
+            m.n_exp,
+        );
+        PoolPlan {
+            slots_per_layer: m.layer_experts.keys().map(|l| (*l, slots)).collect(),
+            slots,
+            slot_tier: tier,
+            cache_mib: cache / MIB,
+            policy: config.pool.policy.clone(),
+            prefetch: config.pool.prefetch,
+            assumed_hit_rate: h,
+            assumed_ram_hit_rate: h_ram,
+            stats_path: stats_path.clone(),
+        }
+    });
+
+    let mut p = Plan {
+        model_path: snapshot.model.path.clone(),
+        pool,
+        gpu_layers: placement.gpu_layers,
+        n_cpu_moe: placement.n_cpu_moe,
+        ctx_size,
+        kv_type,
+        flash_attn,
+        threads,
+        threads_batch,
+        batch_size: 2048,
+        ubatch_size: ubatch,
+        parallel,
+        memory,
+        roofline: Roofline {
+            vram_bytes: vb,
+            ram_bytes: rb,
+            pcie_bytes: pb,
+            disk_bytes: db,
+            vram_bw,
+            ram_bw,
+            pcie_bw,
+            disk_bw,
+            seconds_per_token: secs,
+        },
+        predicted_tok_s,
+        args: Vec::new(),
+        reasons,
+        warnings,
+        within_budget,
+    };
+    p.args = engine_args(&p, config);
+    p
+}
+
+/// The largest ubatch (512, 256, 128) whose compute buffer is at most 10% of `budget`.
+fn choose_ubatch(m: &Model, budget: u64) -> u32 {
+    for ub in [512, 256, 128] {
+        if m.compute(ub) <= budget / 10 {
+            return ub;
+        }
+    }
+    128
+}
+
+/// Expert bytes per token that miss the slots: (served by the RAM cache, read from disk).
+fn pool_reads(m: &Model, slots: u32, cached_experts: u64) -> (u64, u64) {
+    let h = assumed_hit_rate(slots, m.n_exp);
+    let h2 = assumed_hit_rate(
+        (u64::from(slots) + cached_experts).min(u64::from(m.n_exp)) as u32,
+        m.n_exp,
+    );
+    let r = m.expert_read as f64;
+    ((r * (h2 - h)) as u64, (r * (1.0 - h2)) as u64)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn place(
+    m: &Model,
+    b: &Budgets,
+    c: &Config,
+    ctx: u32,
+    kv_type: KvType,
+    ubatch: u32,
+    parallel: u32,
+    use_gpu: bool,
+) -> Placement {
+    let kv = m.kv(ctx, kv_type);
+    let compute = m.compute(ubatch);
+    let all_layers = m.layers + 1;
+    let min_slots = (m.n_used * parallel).clamp(1, m.n_exp.max(1));
+    let mode = if m.moe() { c.pool.mode } else { PoolMode::Off };
+    let mut why = Vec::new();
+    let tier = |t, budget| TierUse {
+        tier: t,
+        weights: 0,
+        experts: 0,
+        kv: 0,
+        compute: 0,
+        base: 0,
+        budget,
+    };
+    let mut vram = tier(Tier::Vram, b.vram);
+    let mut ram = tier(Tier::Ram, b.ram);
+    ram.base = ENGINE_BASE_RAM;
+    let model_bytes = m.non_expert + m.expert_total;
+
+    if !use_gpu {
+        ram.weights = m.non_expert;
+        ram.kv = kv;
+        ram.compute = compute;
+        let fixed = ram.total();
+        let stock_fits = fixed + m.expert_total <= b.ram;
+        let pool_on = match mode {
+            PoolMode::On => true,
+            PoolMode::Off => false,
+            PoolMode::Auto => !stock_fits,
+        };
+        if !pool_on {
+            ram.experts = m.expert_total;
+            let fits = stock_fits;
+            let disk = if fits {
+                0
+            } else {
+                let resident = b.ram.saturating_sub(fixed);
+                let frac = 1.0 - (resident as f64 / m.expert_total.max(1) as f64).min(1.0);
+                ram.experts = m.expert_total.min(resident);
+                (m.expert_read as f64 * frac) as u64
+            };
+            why.push(Reason {
+                topic: "pool",
+                choice: "off".into(),
+                why: if !m.moe() {
+                    "dense model: no experts to pool".into()
+                } else if mode == PoolMode::Off {
+                    "pool.mode = \"off\" in the config".into()
+                } else {
+                    format!(
+                        "the model ({}) with KV and buffers fits the RAM budget ({}): stock llama.cpp is fastest",
+                        human_bytes(model_bytes),
+                        human_bytes(b.ram)
+                    )
+                },
+            });
+            why.push(Reason {
+                topic: "placement",
+                choice: "-ngl 0".into(),
+                why: "no usable GPU: every layer on the CPU".into(),
+            });
+            return Placement {
+                gpu_layers: 0,
+                n_cpu_moe: 0,
+                pool: None,
+                vram,
+                roof: (0, m.non_expert + m.expert_read - disk, 0, disk),
+                ram,
+                fits,
+                why,
+            };
+        }
+        let avail = b.ram.saturating_sub(fixed);
+        let fit_slots = (avail / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
+        let slots = fit_slots.max(min_slots);
+        ram.experts = u64::from(slots) * m.one_expert_all_layers;
+        let fits = fit_slots >= min_slots;
+        let (_, miss) = pool_reads(m, slots, 0);
+        why.push(Reason {
+            topic: "pool",
+            choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
+            why: format!(
+                "{}: the model ({}) does not fit the RAM budget ({}); after non-expert weights ({}), KV ({}) and buffers, {} hold {slots} experts per layer (one expert in every layer is {}); assumed hit rate {:.0}%, misses read from disk",
+                if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
+                human_bytes(model_bytes),
+                human_bytes(b.ram),
+                human_bytes(m.non_expert),
+                human_bytes(kv),
+                human_bytes(avail),
+                human_bytes(m.one_expert_all_layers),
+                assumed_hit_rate(slots, m.n_exp) * 100.0
+            ),
+        });
+        why.push(Reason {
+            topic: "placement",
+            choice: "-ngl 0".into(),
+            why: "no usable GPU: every layer on the CPU; expert tensors stay mapped from the file for prefill".into(),
+        });
+        return Placement {
+            gpu_layers: 0,
+            n_cpu_moe: 0,
+            pool: Some((slots, Tier::Ram, 0)),
+            vram,
+            ram,
+            roof: (0, m.non_expert + m.expert_read, 0, miss),
+            fits,
+            why,
+        };
+    }
+
+    // GPU host.
+    let gpu_fixed = m.non_expert + kv + compute;
+    ram.compute = 128 * MIB; // host-side buffers with full offload (stated estimate)
+    if gpu_fixed + m.expert_total <= b.vram && mode != PoolMode::On {
+        vram.weights = m.non_expert;
+        vram.experts = m.expert_total;
+        vram.kv = kv;
+        vram.compute = compute;
+        why.push(Reason {
+            topic: "pool",
+            choice: "off".into(),
+            why: if m.moe() {
+                format!(
+                    "the whole model ({}) with KV and buffers fits the VRAM budget ({}): stock llama.cpp is fastest",
+                    human_bytes(model_bytes),
+                    human_bytes(b.vram)
+                )
+            } else {
+                "dense model: no experts to pool".into()
+            },
+        });
+        why.push(Reason {
+            topic: "placement",
+            choice: format!("-ngl {all_layers}, --n-cpu-moe 0"),
+            why: "all layers and the output on the GPU".into(),
+        });
+        let fits = ram.total() <= b.ram;
+        return Placement {
+            gpu_layers: all_layers,
+            n_cpu_moe: 0,
+            pool: None,
+            vram,
+            ram,
+            roof: (m.non_expert + m.expert_read, 0, 0, 0),
+            fits,
+            why,
+        };
+    }
+
+    if gpu_fixed <= b.vram && m.moe() {
+        // Attention and shared weights on the GPU; experts of the first K layers in RAM.
+        let room = b.vram - gpu_fixed;
+        let layers: Vec<(u32, u64)> = m.layer_experts.iter().map(|(l, x)| (*l, *x)).collect();
+        // The smallest K such that experts of layers K.. fit `room`.
+        let mut k = layers.len();
+        let mut on_gpu = 0u64;
+        while k > 0 && on_gpu + layers[k - 1].1 <= room {
+            on_gpu += layers[k - 1].1;
+            k -= 1;
+        }
+        // --n-cpu-moe counts block indices: the first K MoE layers' block index + 1.
+        let n_cpu_moe = if k == 0 { 0 } else { layers[k - 1].0 + 1 };
+        let cpu_experts: u64 = layers[..k].iter().map(|(_, x)| x).sum();
+        let cpu_read: u64 = layers[..k]
+            .iter()
+            .map(|(l, _)| m.layer_experts_one(*l) * u64::from(m.n_used))
+            .sum();
+        ram.compute = compute;
+        let stock_ram_fits = ram.total() + cpu_experts <= b.ram;
+        if mode != PoolMode::On && (stock_ram_fits || mode == PoolMode::Off) {
+            vram.weights = m.non_expert;
+            vram.experts = on_gpu;
+            vram.kv = kv;
+            vram.compute = compute;
+            let resident = b.ram.saturating_sub(ram.total());
+            ram.experts = cpu_experts.min(resident);
+            let disk = if stock_ram_fits {
+                0
+            } else {
+                let frac = 1.0 - (resident as f64 / cpu_experts.max(1) as f64).min(1.0);
+                (cpu_read as f64 * frac) as u64
+            };
+            why.push(Reason {
+                topic: "pool",
+                choice: "off".into(),
+                why: if mode == PoolMode::Off {
+                    "pool.mode = \"off\" in the config".into()
+                } else {
+                    format!(
+                        "the model ({}) fits VRAM ({}) and RAM ({}) together: stock llama.cpp with experts split between them is fastest",
+                        human_bytes(model_bytes),
+                        human_bytes(b.vram),
+                        human_bytes(b.ram)
+                    )
+                },
+            });
+            why.push(Reason {
+                topic: "placement",
+                choice: format!("-ngl {all_layers}, --n-cpu-moe {n_cpu_moe}"),
+                why: format!(
+                    "non-expert weights ({}), KV ({}) and buffers on the GPU; the experts of the last {} MoE layers ({}) fill the remaining VRAM, the first {n_cpu_moe} layers' experts ({}) stay in RAM",
+                    human_bytes(m.non_expert),
+                    human_bytes(kv),
+                    layers.len() - k,
+                    human_bytes(on_gpu),
+                    human_bytes(cpu_experts)
+                ),
+            });
+            return Placement {
+                gpu_layers: all_layers,
+                n_cpu_moe,
+                pool: None,
+                vram,
+                roof: (
+                    m.non_expert + (m.expert_read - cpu_read),
+                    cpu_read - disk,
+                    0,
+                    disk,
+                ),
+                ram,
+                fits: stock_ram_fits,
+                why,
+            };
+        }
+        // Pool: slots for every MoE layer in VRAM, a RAM cache behind them, disk last.
+        let fit_slots = (room / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
+        let slots = fit_slots.max(min_slots);
+        vram.weights = m.non_expert;
+        vram.experts = u64::from(slots) * m.one_expert_all_layers;
+        vram.kv = kv;
+        vram.compute = compute;
+        let cache_room = b.ram.saturating_sub(ram.total());
+        let uncached = m.expert_total.saturating_sub(vram.experts);
+        let cache = cache_room.min(uncached) / MIB * MIB;
+        ram.experts = cache;
+        let cached_experts = cache / m.one_expert_all_layers.max(1);
+        let (pcie, disk) = pool_reads(m, slots, cached_experts);
+        let fits = fit_slots >= min_slots && ram.total() <= b.ram;
+        why.push(Reason {
+            topic: "pool",
+            choice: format!("on, {slots} of {} slots per layer in VRAM, {} RAM cache", m.n_exp, human_bytes(cache)),
+            why: format!(
+                "{}: the model ({}) does not fit VRAM ({}) and RAM ({}) together; after non-expert weights, KV and buffers {} of VRAM hold {slots} experts per layer (assumed hit rate {:.0}%); the RAM cache holds {cached_experts} more per layer (assumed {:.0}% served from slots or cache); the rest comes from disk",
+                if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
+                human_bytes(model_bytes),
+                human_bytes(b.vram),
+                human_bytes(b.ram),
+                human_bytes(room),
+                assumed_hit_rate(slots, m.n_exp) * 100.0,
+                assumed_hit_rate((u64::from(slots) + cached_experts).min(u64::from(m.n_exp)) as u32, m.n_exp) * 100.0
+            ),
+        });
+        let moe_layers = m.layer_experts.keys().next_back().map_or(0, |l| l + 1);
+        why.push(Reason {
+            topic: "placement",
+            choice: format!("-ngl {all_layers}, --n-cpu-moe {moe_layers}"),
+            why: "all layers on the GPU; the expert tensors stay mapped from the file on the host (the pool fills its VRAM slots from them)".into(),
+        });
+        return Placement {
+            gpu_layers: all_layers,
+            n_cpu_moe: moe_layers,
+            pool: Some((slots, Tier::Vram, cache)),
+            vram,
+            ram,
+            roof: (m.non_expert + m.expert_read, 0, pcie, disk),
+            fits,
+            why,
+        };
+    }
+
+    // The non-expert weights do not fit VRAM: offload what fits, layer by layer; every
+    // expert on the CPU.
+    let per_layer = (m.non_expert / u64::from(all_layers)).max(1);
+    let kv_per_layer = kv / u64::from(m.layers.max(1));
+    let room = b.vram.saturating_sub(compute);
+    let g = ((room / (per_layer + kv_per_layer)).min(u64::from(m.layers))) as u32;
+    vram.weights = per_layer * u64::from(g);
+    vram.kv = kv_per_layer * u64::from(g);
+    vram.compute = if g > 0 { compute } else { 0 };
+    ram.weights = m.non_expert - vram.weights;
+    ram.kv = kv - vram.kv;
+    ram.compute = compute;
+    let moe_layers = m.layer_experts.keys().next_back().map_or(0, |l| l + 1);
+    let fixed = ram.total();
+    let stock_fits = fixed + m.expert_total <= b.ram;
+    let pool_on = m.moe()
+        && match mode {
+            PoolMode::On => true,
+            PoolMode::Off => false,
+            PoolMode::Auto => !stock_fits,
+        };
+    why.push(Reason {
+        topic: "placement",
+        choice: format!("-ngl {g}, --n-cpu-moe {moe_layers}"),
+        why: format!(
+            "the non-expert weights ({}) and KV ({}) do not fit the VRAM budget ({}): {g} of {all_layers} layers' attention on the GPU, every expert on the CPU",
+            human_bytes(m.non_expert),
+            human_bytes(kv),
+            human_bytes(b.vram)
+        ),
+    });
+    let vram_read = vram.weights;
+    if !pool_on {
+        let resident = b.ram.saturating_sub(fixed);
+        ram.experts = m.expert_total.min(resident);
+        let frac = 1.0 - (resident as f64 / m.expert_total.max(1) as f64).min(1.0);
+        let disk = (m.expert_read as f64 * frac) as u64;
+        why.push(Reason {
+            topic: "pool",
+            choice: "off".into(),
+            why: if !m.moe() {
+                "dense model: no experts to pool".into()
+            } else if mode == PoolMode::Off {
+                "pool.mode = \"off\" in the config".into()
+            } else {
+                "the experts fit the RAM budget: stock llama.cpp is fastest".into()
+            },
+        });
+        return Placement {
+            gpu_layers: g,
+            n_cpu_moe: moe_layers,
+            pool: None,
+            vram,
+            roof: (vram_read, ram.weights + m.expert_read - disk, 0, disk),
+            ram,
+            fits: stock_fits,
+            why,
+        };
+    }
+    let avail = b.ram.saturating_sub(fixed);
+    let fit_slots = (avail / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
+    let slots = fit_slots.max(min_slots);
+    ram.experts = u64::from(slots) * m.one_expert_all_layers;
+    let (_, miss) = pool_reads(m, slots, 0);
+    why.push(Reason {
+        topic: "pool",
+        choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
+        why: format!(
+            "the experts ({}) do not fit the RAM budget ({}); {} hold {slots} experts per layer (assumed hit rate {:.0}%), misses from disk",
+            human_bytes(m.expert_total),
+            human_bytes(b.ram),
+            human_bytes(avail),
+            assumed_hit_rate(slots, m.n_exp) * 100.0
+        ),
+    });
+    Placement {
+        gpu_layers: g,
+        n_cpu_moe: moe_layers,
+        pool: Some((slots, Tier::Ram, 0)),
+        vram,
+        roof: (vram_read, ram.weights + m.expert_read, 0, miss),
+        ram,
+        fits: fit_slots >= min_slots,
+        why,
+    }
+}
+
+impl Model {
+    fn layer_experts_one(&self, layer: u32) -> u64 {
+        self.layer_experts.get(&layer).copied().unwrap_or(0) / u64::from(self.n_exp.max(1))
+    }
+}
+
+/// The llama-server arguments for a plan under a config: model, address, the plan's
+/// choices, the pool's flags when it is on, then `engine.extra_args` (last, so they win).
+pub fn engine_args(p: &Plan, c: &Config) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |k: &str, v: String| {
+        a.push(k.to_string());
+        a.push(v);
+    };
+    push("--model", p.model_path.display().to_string());
+    push("--host", c.engine.host.clone());
+    push("--port", c.engine.port.to_string());
+    push("--fit", "off".into());
+    push("--n-gpu-layers", p.gpu_layers.to_string());
+    if p.n_cpu_moe > 0 {
+        push("--n-cpu-moe", p.n_cpu_moe.to_string());
+    }
+    push("--ctx-size", p.ctx_size.to_string());
+    push("--cache-type-k", p.kv_type.as_str().into());
+    push("--cache-type-v", p.kv_type.as_str().into());
+    push(
+        "--flash-attn",
+        if p.flash_attn { "on" } else { "auto" }.into(),
+    );
+    push("--threads", p.threads.to_string());
+    push("--threads-batch", p.threads_batch.to_string());
+    push("--batch-size", p.batch_size.to_string());
+    push("--ubatch-size", p.ubatch_size.to_string());
+    push("--parallel", p.parallel.to_string());
+    if let Some(pool) = &p.pool {
+        push("--expert-pool-slots", pool.slots.to_string());
+        push("--expert-pool-mib", pool.cache_mib.to_string());
+        push("--expert-pool-policy", pool.policy.clone());
+        push(
+            "--expert-pool-prefetch",
+            if pool.prefetch { "on" } else { "off" }.into(),
+        );
+        push("--expert-pool-stats", pool.stats_path.display().to_string());
+    }
+    a.push("--metrics".into());
+    a.extend(c.engine.extra_args.iter().cloned());
+    a
+}
+
+impl fmt::Display for Plan {
+    /// The human form `expertd plan` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model: {}", self.model_path.display())?;
+        match &self.pool {
+            None => writeln!(f, "pool: off")?,
+            Some(p) => writeln!(
+                f,
+                "pool: on, {} slots per layer in {} ({} layers), RAM cache {} MiB, policy {}, prefetch {}",
+                p.slots,
+                p.slot_tier.as_str(),
+                p.slots_per_layer.len(),
+                p.cache_mib,
+                p.policy,
+                if p.prefetch { "on" } else { "off" }
+            )?,
+        }
+        writeln!(
+            f,
+            "engine: -ngl {} --n-cpu-moe {} -c {} kv {} threads {}/{} -b {} -ub {}",
+            self.gpu_layers,
+            self.n_cpu_moe,
+            self.ctx_size,
+            self.kv_type.as_str(),
+            self.threads,
+            self.threads_batch,
+            self.batch_size,
+            self.ubatch_size
+        )?;
+        for t in &self.memory {
+            writeln!(
+                f,
+                "memory {}: {} of {} budget (weights {}, experts {}, kv {}, compute {}, base {})",
+                t.tier.as_str(),
+                human_bytes(t.total()),
+                human_bytes(t.budget),
+                human_bytes(t.weights),
+                human_bytes(t.experts),
+                human_bytes(t.kv),
+                human_bytes(t.compute),
+                human_bytes(t.base)
+            )?;
+        }
+        writeln!(
+            f,
+            "predicted decode: {:.1} tok/s (roofline upper bound)",
+            self.predicted_tok_s
+        )?;
+        writeln!(f, "reasons:")?;
+        for r in &self.reasons {
+            writeln!(f, "  {}: {} — {}", r.topic, r.choice, r.why)?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! `expertd serve`: config -> prepare (probe, plan) -> status socket -> supervisor, until
+//! SIGTERM or SIGINT. SIGHUP reloads.
+//!
+//! Exit codes (for systemd's `RestartPreventExitStatus=` and scripts): 0 clean stop;
+//! [`EXIT_CONFIG`] (78) the config is invalid, or the model or engine it names cannot be
+//! used (restarting will not help); [`EXIT_CANTCREAT`] (73) the status socket cannot be
+//! made (e.g. another daemon runs); [`EXIT_SOFTWARE`] (70) an internal failure.
+
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{Command, Supervisor, prepare, sd, stats};
+use crate::config::Config;
+
+/// The config is invalid or names a model or engine that cannot be used (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+/// The status socket cannot be created (sysexits EX_CANTCREAT).
+pub const EXIT_CANTCREAT: u8 = 73;
+/// Internal failure (sysexits EX_SOFTWARE).
+pub const EXIT_SOFTWARE: u8 = 70;
+
+/// Why the daemon ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The first plan could not be made.
+    #[error("cannot start: {0}")]
+    Prepare(#[from] super::PrepareError),
+    #[error(transparent)]
+    Socket(#[from] crate::api::ApiError),
+    /// Signal handlers could not be installed.
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+impl DaemonError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Config(_) | DaemonError::Prepare(_) => EXIT_CONFIG,
+            DaemonError::Socket(_) => EXIT_CANTCREAT,
+            DaemonError::Signals(_) => EXIT_SOFTWARE,
+        }
+    }
+}
+
+/// Runs the daemon with the config at `config_path` until SIGTERM/SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Absolute: the watcher compares it with the absolute paths of file events.
+    let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
+    let config = Config::load(&config_path)?;
+    tracing::info!(
+        config = %config_path.display(),
+        model = %config.model,
+        socket = %config.socket.display(),
+        "expertd {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let prepared = prepare(&config).await?;
+    tracing::info!("plan:\n{}", prepared.plan);
+    let listener = crate::api::bind(&config.socket).await?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+
+    let (status_tx, status_rx) = watch::channel(Supervisor::initial_status(&config));
+    let (metrics_tx, metrics_rx) = watch::channel(stats::EngineMetrics::default());
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let (stop_api_tx, mut stop_api_rx) = watch::channel(false);
+
+    let supervisor = Supervisor::new(
+        config_path.clone(),
+        prepared,
+        status_tx,
+        sd::Notifier::from_env(),
+    );
+    let sup_task = tokio::spawn(supervisor.run(cmd_rx));
+    let poll_task = tokio::spawn(stats::poll(status_rx.clone(), metrics_tx));
+    let sources = crate::api::Sources {
+        status: status_rx,
+        metrics: metrics_rx,
+        socket: config.socket.clone(),
+    };
+    let api_task = tokio::spawn(crate::api::serve(listener, sources, async move {
+        let _ = stop_api_rx.wait_for(|v| *v).await;
+    }));
+
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => {
+                let _ = cmd_tx.send(Command::Reload { why: "SIGHUP".into() }).await;
+            }
+        }
+    }
+    let _ = cmd_tx.send(Command::Shutdown).await;
+    if let Err(e) = sup_task.await {
+        tracing::error!("supervisor task: {e}");
+    }
+    let _ = stop_api_tx.send(true);
+    let _ = api_task.await;
+    poll_task.abort();
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("expertd stopped");
+    Ok(())
+}

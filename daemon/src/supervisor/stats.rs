@@ -1,0 +1,258 @@
+//! What the running engine publishes: the expert pool's statistics (a JSON file the
+//! patched engine writes at `--expert-pool-stats PATH`) and llama-server's Prometheus
+//! `/metrics` (decode speed). A poller task reads both every few seconds so that status
+//! requests do no I/O.
+//!
+//! The pool stats reader is tolerant: a missing or half-written file means "no stats yet";
+//! totals are taken from a `total`/`totals` object or the top level, or summed over a
+//! `layers` array; unknown fields are kept in `raw`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::{EngineState, Status};
+
+/// How often the poller reads.
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// Pool counters (totals over layers).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub bytes_read: u64,
+    pub stall_ns: u64,
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
+    pub not_fit: u64,
+}
+
+impl PoolCounters {
+    /// hits / (hits + misses), None before any lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.hits + self.misses;
+        (n > 0).then(|| self.hits as f64 / n as f64)
+    }
+}
+
+/// The pool stats file, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStats {
+    pub total: PoolCounters,
+    /// Per-layer counters, by layer index, when the file has them.
+    pub layers: Vec<(u32, PoolCounters)>,
+    /// The file as published.
+    pub raw: serde_json::Value,
+    pub modified: Option<SystemTime>,
+}
+
+/// The engine's decode numbers from `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeStats {
+    /// `llamacpp:predicted_tokens_seconds`: average decode speed.
+    pub tokens_per_second: Option<f64>,
+    /// `llamacpp:tokens_predicted_total`.
+    pub tokens_predicted_total: Option<f64>,
+    /// `llamacpp:prompt_tokens_seconds`: average prefill speed.
+    pub prompt_tokens_per_second: Option<f64>,
+}
+
+/// The latest of both, as the poller last saw them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineMetrics {
+    pub pool: Option<Arc<PoolStats>>,
+    pub decode: Option<DecodeStats>,
+}
+
+fn counters(v: &serde_json::Value) -> PoolCounters {
+    let g = |names: &[&str]| -> u64 {
+        names
+            .iter()
+            .find_map(|n| v.get(*n).and_then(|x| x.as_u64()))
+            .unwrap_or(0)
+    };
+    PoolCounters {
+        hits: g(&["hits"]),
+        misses: g(&["misses"]),
+        evictions: g(&["evictions"]),
+        bytes_read: g(&["bytes_read"]),
+        stall_ns: g(&["stall_ns"]),
+        prefetch_issued: g(&["prefetch_issued", "prefetches", "prefetch"]),
+        prefetch_used: g(&["prefetch_used", "prefetch_hits", "prefetch_useful"]),
+        not_fit: g(&["not_fit"]),
+    }
+}
+
+fn add(a: &mut PoolCounters, b: &PoolCounters) {
+    a.hits += b.hits;
+    a.misses += b.misses;
+    a.evictions += b.evictions;
+    a.bytes_read += b.bytes_read;
+    a.stall_ns += b.stall_ns;
+    a.prefetch_issued += b.prefetch_issued;
+    a.prefetch_used += b.prefetch_used;
+    a.not_fit += b.not_fit;
+}
+
+/// Parses pool stats JSON; None if it is not a JSON object.
+pub fn parse_pool_stats(text: &[u8]) -> Option<PoolStats> {
+    let raw: serde_json::Value = serde_json::from_slice(text).ok()?;
+    if !raw.is_object() {
+        return None;
+    }
+    let layers: Vec<(u32, PoolCounters)> = raw
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .map(|a| {
+            a.iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let idx = l.get("layer").and_then(|x| x.as_u64()).unwrap_or(i as u64) as u32;
+                    (idx, counters(l))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let total_obj = raw.get("total").or_else(|| raw.get("totals"));
+    let total = match total_obj {
+        Some(t) => counters(t),
+        None => {
+            let top = counters(&raw);
+            if top == PoolCounters::default() && !layers.is_empty() {
+                let mut s = PoolCounters::default();
+                for (_, c) in &layers {
+                    add(&mut s, c);
+                }
+                s
+            } else {
+                top
+            }
+        }
+    };
+    Some(PoolStats {
+        total,
+        layers,
+        raw,
+        modified: None,
+    })
+}
+
+/// Reads the stats file; None when it is absent or not (yet) valid.
+pub fn read_pool_stats(path: &Path) -> Option<PoolStats> {
+    let text = std::fs::read(path).ok()?;
+    let mut s = parse_pool_stats(&text)?;
+    s.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    Some(s)
+}
+
+/// Picks the decode numbers out of llama-server's Prometheus text.
+pub fn parse_engine_metrics(text: &str) -> DecodeStats {
+    let mut d = DecodeStats::default();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let (Some(name), Some(value)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        match name {
+            "llamacpp:predicted_tokens_seconds" => d.tokens_per_second = Some(v),
+            "llamacpp:tokens_predicted_total" => d.tokens_predicted_total = Some(v),
+            "llamacpp:prompt_tokens_seconds" => d.prompt_tokens_per_second = Some(v),
+            _ => {}
+        }
+    }
+    d
+}
+
+/// Polls while the daemon runs; ends when the status channel closes.
+pub async fn poll(status: watch::Receiver<Status>, out: watch::Sender<EngineMetrics>) {
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if status.has_changed().is_err() {
+            return;
+        }
+        let (serving, host, port, stats_path) = {
+            let s = status.borrow();
+            (
+                s.engine.state == EngineState::Serving,
+                s.engine.host.clone(),
+                s.engine.port,
+                s.plan
+                    .as_ref()
+                    .and_then(|p| p.pool.as_ref().map(|pool| pool.stats_path.clone())),
+            )
+        };
+        let pool = match &stats_path {
+            Some(p) => {
+                let p = p.clone();
+                tokio::task::spawn_blocking(move || read_pool_stats(&p))
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(Arc::new)
+            }
+            None => None,
+        };
+        let decode = if serving {
+            match crate::api::http::tcp_request(
+                &host,
+                port,
+                "GET",
+                "/metrics",
+                None,
+                Duration::from_secs(1),
+            )
+            .await
+            {
+                Ok(r) if r.status == 200 => Some(parse_engine_metrics(&r.text())),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        out.send_replace(EngineMetrics { pool, decode });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_stats_shapes() {
+        let a =
+            parse_pool_stats(br#"{"total":{"hits":30,"misses":10,"bytes_read":4096}}"#).unwrap();
+        assert_eq!(a.total.hits, 30);
+        assert_eq!(a.total.hit_rate(), Some(0.75));
+        let b = parse_pool_stats(
+            br#"{"layers":[{"layer":0,"hits":1,"misses":1},{"layer":1,"hits":3,"misses":0,"stall_ns":7}]}"#,
+        )
+        .unwrap();
+        assert_eq!((b.total.hits, b.total.misses, b.total.stall_ns), (4, 1, 7));
+        assert_eq!(b.layers[1].0, 1);
+        assert!(parse_pool_stats(b"{\"hits\":").is_none());
+        assert!(parse_pool_stats(b"[]").is_none());
+        assert!(read_pool_stats(Path::new("/nonexistent/expertd/stats.json")).is_none());
+    }
+
+    #[test]
+    fn engine_metrics() {
+        let d = parse_engine_metrics(
+            "# HELP x\nllamacpp:prompt_tokens_seconds 100.5\nllamacpp:predicted_tokens_seconds 42.25\nllamacpp:tokens_predicted_total 17\n",
+        );
+        assert_eq!(d.tokens_per_second, Some(42.25));
+        assert_eq!(d.tokens_predicted_total, Some(17.0));
+        assert_eq!(d.prompt_tokens_per_second, Some(100.5));
+    }
+}

@@ -1,0 +1,291 @@
+//! Planner tests on recorded probe snapshots (`daemon/testdata/planner/NAME.snapshot.json`).
+//!
+//! Each case plans a snapshot under a config (`NAME.toml` if present, else one with only
+//! the model) and compares the plan document with `NAME.plan.json`; run with
+//! `UPDATE_EXPECT=1` to rewrite the expected files after a deliberate change, and review the
+//! diff. Independently of the snapshots, every case asserts the properties that must hold
+//! whatever the numbers: the plan stays inside every budget, the pool is on exactly when
+//! the model does not fit, slot counts are sane, every choice has a reason.
+
+use std::path::{Path, PathBuf};
+
+use expertd::config::{Config, ConfigEnv, PoolMode};
+use expertd::plan::{Plan, plan};
+use expertd::probe::Snapshot;
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/planner")
+}
+
+fn root_env() -> ConfigEnv {
+    ConfigEnv {
+        uid: 0,
+        ..ConfigEnv::default()
+    }
+}
+
+fn load(name: &str) -> (Snapshot, Config) {
+    let dir = testdata();
+    let text = std::fs::read(dir.join(format!("{name}.snapshot.json"))).unwrap();
+    let snap: Snapshot = serde_json::from_slice(&text).unwrap();
+    let cfg_path = dir.join(format!("{name}.toml"));
+    let cfg_text = std::fs::read_to_string(&cfg_path).unwrap_or_else(|_| {
+        format!(
+            "model = {}\n",
+            toml::Value::String(snap.model.path.display().to_string())
+        )
+    });
+    let config = Config::parse(
+        &cfg_text,
+        Path::new("/etc/expertd/expertd.toml"),
+        &root_env(),
+    )
+    .unwrap();
+    (snap, config)
+}
+
+/// Compares `actual` with the expect file, or rewrites it under `UPDATE_EXPECT=1`.
+fn expect_file(path: &Path, actual: &str) {
+    if std::env::var_os("UPDATE_EXPECT").is_some() {
+        std::fs::write(path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: run with UPDATE_EXPECT=1 to create it",
+            path.display()
+        )
+    });
+    if expected != actual {
+        let line = expected
+            .lines()
+            .zip(actual.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(expected.lines().count().min(actual.lines().count()));
+        panic!(
+            "{} differs from the plan, first at line {}:\n  expected: {}\n  actual:   {}\n(run with UPDATE_EXPECT=1 to accept, then review the diff)",
+            path.display(),
+            line + 1,
+            expected.lines().nth(line).unwrap_or("<end>"),
+            actual.lines().nth(line).unwrap_or("<end>")
+        );
+    }
+}
+
+/// Properties every plan must have.
+fn assert_properties(name: &str, snap: &Snapshot, config: &Config, p: &Plan) {
+    assert!(
+        p.within_budget,
+        "{name}: plan is over budget: {:?}",
+        p.warnings
+    );
+    for t in &p.memory {
+        assert!(
+            t.total() <= t.budget,
+            "{name}: {} uses {} of a {} budget",
+            t.tier.as_str(),
+            t.total(),
+            t.budget
+        );
+    }
+    let i = &snap.model.info;
+    match &p.pool {
+        Some(pool) => {
+            assert!(
+                pool.slots >= i.expert_used_count,
+                "{name}: fewer slots than used experts"
+            );
+            assert!(
+                pool.slots <= i.expert_count,
+                "{name}: more slots than experts"
+            );
+            assert_eq!(pool.slots_per_layer.len(), i.expert_bytes_per_layer.len());
+            let at = p
+                .args
+                .iter()
+                .position(|a| a == "--expert-pool-slots")
+                .expect("slots arg");
+            assert_eq!(p.args[at + 1], pool.slots.to_string());
+            assert!(pool.stats_path.starts_with(&config.state_dir));
+            assert!(p.args.iter().any(|a| a == "--expert-pool-stats"));
+        }
+        None => assert!(
+            !p.args.iter().any(|a| a.starts_with("--expert-pool")),
+            "{name}: pool flags without the pool"
+        ),
+    }
+    let a = |flag: &str| {
+        p.args
+            .iter()
+            .position(|x| x == flag)
+            .map(|i| p.args[i + 1].clone())
+    };
+    assert_eq!(
+        a("--model").as_deref(),
+        Some(&*snap.model.path.display().to_string())
+    );
+    assert_eq!(a("--ctx-size"), Some(p.ctx_size.to_string()));
+    assert_eq!(a("--n-gpu-layers"), Some(p.gpu_layers.to_string()));
+    assert_eq!(a("--fit").as_deref(), Some("off"));
+    assert!(p.predicted_tok_s.is_finite() && p.predicted_tok_s > 0.0);
+    assert!(p.threads >= 1 && p.threads <= snap.host.usable_cores.max(1));
+    for topic in [
+        "ram_budget",
+        "threads",
+        "ctx",
+        "kv_type",
+        "batch",
+        "pool",
+        "placement",
+        "prediction",
+    ] {
+        assert!(
+            p.reasons
+                .iter()
+                .any(|r| r.topic == topic && !r.why.is_empty()),
+            "{name}: no reason for {topic}"
+        );
+    }
+    // Pure and stable: the same input plans the same; what is free right now does not
+    // change the plan (budgets come from totals, so a running engine does not move them).
+    assert_eq!(
+        &plan(snap, config),
+        p,
+        "{name}: planning is not deterministic"
+    );
+    let mut busy = snap.clone();
+    busy.host.available_ram /= 3;
+    for g in &mut busy.gpus {
+        g.free_memory /= 3;
+    }
+    assert_eq!(
+        plan(&busy, config).args,
+        p.args,
+        "{name}: plan depends on free memory"
+    );
+}
+
+/// Plans a case, checks its properties and its expect file; returns the plan.
+fn check(name: &str, pool_on: bool) -> Plan {
+    let (snap, config) = load(name);
+    let p = plan(&snap, &config);
+    assert_properties(name, &snap, &config, &p);
+    assert_eq!(p.pool.is_some(), pool_on, "{name}: pool on/off\n{p}");
+    let doc = expertd::api::wire::PlanDoc::from(&p);
+    let mut json = serde_json::to_string_pretty(&doc).unwrap();
+    json.push('\n');
+    expect_file(&testdata().join(format!("{name}.plan.json")), &json);
+    p
+}
+
+#[test]
+fn cpu_host_model_fits_runs_stock() {
+    let p = check("cpu_fits", false);
+    assert_eq!((p.gpu_layers, p.n_cpu_moe), (0, 0));
+}
+
+#[test]
+fn cpu_host_ram_40_percent_of_model_pools_in_ram() {
+    let p = check("cpu_ram_40pct", true);
+    let pool = p.pool.unwrap();
+    assert_eq!(pool.slot_tier, expertd::plan::Tier::Ram);
+    assert_eq!(pool.cache_mib, 0);
+}
+
+#[test]
+fn gpu_12gb_30b_a3b_splits_experts_between_vram_and_ram() {
+    let p = check("gpu12_qwen3_30b_a3b", false);
+    assert_eq!(p.gpu_layers, 49);
+    assert!(
+        p.n_cpu_moe > 0 && p.n_cpu_moe < 48,
+        "n_cpu_moe {}",
+        p.n_cpu_moe
+    );
+}
+
+#[test]
+fn gpu_24gb_120b_pools_in_vram_with_ram_cache() {
+    let p = check("gpu24_gpt_oss_120b", true);
+    let pool = p.pool.unwrap();
+    assert_eq!(pool.slot_tier, expertd::plan::Tier::Vram);
+    assert!(pool.cache_mib > 0);
+    assert_eq!(
+        p.n_cpu_moe, 36,
+        "expert tensors stay on the host for the pool"
+    );
+}
+
+#[test]
+fn gpu_80gb_120b_fits_in_vram() {
+    let p = check("gpu80_gpt_oss_120b", false);
+    assert_eq!((p.gpu_layers, p.n_cpu_moe), (37, 0));
+}
+
+#[test]
+fn a_model_that_fits_nowhere_is_reported_not_hidden() {
+    let (mut snap, config) = load("cpu_ram_40pct");
+    snap.host.cgroup_memory_limit = Some(300 << 20);
+    let p = plan(&snap, &config);
+    assert!(!p.within_budget);
+    assert!(!p.warnings.is_empty());
+}
+
+#[test]
+fn forced_pool_modes_are_obeyed() {
+    let (snap, mut config) = load("cpu_fits");
+    config.pool.mode = PoolMode::On;
+    let p = plan(&snap, &config);
+    let pool = p.pool.as_ref().expect("pool on by config");
+    assert_eq!(
+        pool.slots, snap.model.info.expert_count,
+        "all experts fit: every slot"
+    );
+    assert!(p.within_budget);
+
+    let (snap, mut config) = load("cpu_ram_40pct");
+    config.pool.mode = PoolMode::Off;
+    let p = plan(&snap, &config);
+    assert!(p.pool.is_none());
+    assert!(
+        !p.warnings.is_empty(),
+        "pool off on a model that does not fit must warn"
+    );
+}
+
+#[test]
+fn config_overrides_win() {
+    let (snap, mut config) = load("gpu12_qwen3_30b_a3b");
+    config.plan.ctx_size = Some(8192);
+    config.plan.kv_type = Some(expertd::config::KvType::F16);
+    config.plan.threads = Some(3);
+    config.engine.extra_args = vec!["--jinja".into()];
+    let p = plan(&snap, &config);
+    assert_eq!(
+        (p.ctx_size, p.kv_type, p.threads),
+        (8192, expertd::config::KvType::F16, 3)
+    );
+    assert_eq!(p.args.last().map(String::as_str), Some("--jinja"));
+    assert_properties("overrides", &snap, &config, &p);
+}
+
+#[test]
+fn dense_model_never_pools() {
+    let (mut snap, mut config) = load("cpu_ram_40pct");
+    let i = &mut snap.model.info;
+    i.expert_count = 0;
+    i.expert_used_count = 0;
+    i.expert_bytes_per_layer.clear();
+    i.non_expert_bytes += i.expert_bytes;
+    i.expert_bytes = 0;
+    config.pool.mode = PoolMode::On;
+    let p = plan(&snap, &config);
+    assert!(p.pool.is_none());
+}
+
+#[test]
+fn h100_recorded_with_nvml_fits_in_vram() {
+    // Recorded with `expertd plan --snapshot` on a real H100 host (NVML, cgroup v2).
+    let p = check("h100_recorded_tiny", false);
+    assert_eq!((p.gpu_layers, p.n_cpu_moe), (5, 0));
+    assert_eq!(p.memory[0].tier, expertd::plan::Tier::Vram);
+}

@@ -1,0 +1,129 @@
+//! The daemon's command line without an engine: exit codes of `serve` for the errors
+//! systemd must not retry, `status` with no daemon, and `plan`.
+
+use std::process::Command;
+
+use expertd_tests::daemon_support::{expertd_binary, tiny_model};
+
+fn expertd(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    Command::new(expertd_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("EXPERTD_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("running expertd")
+}
+
+#[test]
+fn serve_exit_codes_say_what_systemd_should_not_retry() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("c.toml");
+    let sock = t.path().join("s.sock");
+    let base = format!(
+        "state_dir = {:?}\nsocket = {:?}\n",
+        t.path().join("state").display().to_string(),
+        sock.display().to_string()
+    );
+
+    std::fs::write(
+        &cfg,
+        format!("{base}model = \"/m.gguf\"\n[engine]\nport = 0\n"),
+    )
+    .unwrap();
+    let out = expertd(&["serve"], &cfg);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("engine.port"));
+
+    std::fs::write(
+        &cfg,
+        format!("{base}model = \"/nonexistent/m.gguf\"\n[engine]\nbinary = \"/bin/true\"\n"),
+    )
+    .unwrap();
+    let out = expertd(&["serve"], &cfg);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/m.gguf"));
+
+    std::fs::write(
+        &cfg,
+        format!("{base}model = \"/m.gguf\"\n[engine]\nbinary = \"/nonexistent/llama-server\"\n"),
+    )
+    .unwrap();
+    let out = expertd(&["serve"], &cfg);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("engine.binary"));
+
+    // Someone answers on the socket: another daemon. 73, and the socket is left alone.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let model = tiny_model();
+    std::fs::write(
+        &cfg,
+        format!(
+            "{base}model = {:?}\n[engine]\nbinary = \"/bin/true\"\n",
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = expertd(&["serve"], &cfg);
+    assert_eq!(
+        out.status.code(),
+        Some(73),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another expertd is running"));
+    assert!(sock.exists());
+    drop(listener);
+}
+
+#[test]
+fn status_without_a_daemon_exits_69_and_plan_needs_none() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("c.toml");
+    let model = tiny_model();
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\nstate_dir = {:?}\nsocket = {:?}\n",
+            model.display().to_string(),
+            t.path().join("state").display().to_string(),
+            t.path().join("s.sock").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = expertd(&["status"], &cfg);
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no expertd answers"));
+
+    let out = expertd(&["plan", "--json"], &cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(plan["pool"].is_null(), "the tiny model fits");
+    assert!(plan["within_budget"].as_bool().unwrap());
+    assert!(plan["reasons"].as_array().unwrap().len() >= 8);
+    // The disk probe was cached in the state dir.
+    assert!(t.path().join("state/disk-probe.json").is_file());
+
+    let out = expertd(&["plan"], &cfg);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pool: off") && text.contains("reasons:"),
+        "{text}"
+    );
+
+    // Record and replay: the snapshot plans the same.
+    let out = expertd(&["plan", "--snapshot"], &cfg);
+    let snap = t.path().join("snap.json");
+    std::fs::write(&snap, &out.stdout).unwrap();
+    let out = expertd(
+        &["plan", "--json", "--from-snapshot", snap.to_str().unwrap()],
+        &cfg,
+    );
+    let replayed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(replayed["args"], plan["args"]);
+}

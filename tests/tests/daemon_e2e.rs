@@ -1,0 +1,273 @@
+//! End-to-end tests of `expertd serve` with the real llama-server on a tiny synthetic model:
+//! serving, restart after kill -9, crash loop, invalid config, model change, SIGTERM.
+//! They fail (never skip) when no llama-server is built: see `daemon_support::engine_binary`.
+//! Each test holds a lock so that only one engine runs at a time.
+
+use std::time::Duration;
+
+use expertd_tests::daemon_support::{
+    Daemon, alive, engine_binary, expertd_binary, group_members, serial, signal, tiny_model,
+    wait_for, write_tiny_model,
+};
+
+const SERVE: Duration = Duration::from_secs(120);
+
+#[test]
+fn serves_survives_kill9_and_stops_cleanly_on_sigterm() {
+    let _one = serial();
+    let engine = engine_binary();
+    let mut d = Daemon::start(&tiny_model(), &engine, "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().expect("engine.pid") as u32;
+    assert_eq!(s["engine"]["port"], d.port);
+    assert_eq!(s["engine"]["restarts"], 0);
+    assert!(s["last_error"].is_null(), "{}", s["last_error"]);
+    assert!(s["plan"]["args"].as_array().is_some_and(|a| !a.is_empty()));
+    assert!(
+        s["plan"]["pool"].is_null(),
+        "the tiny model fits: stock engine"
+    );
+    assert!(s["engine"]["load_seconds"].as_f64().is_some());
+    let text = d.complete("Hello", 8).expect("a completion while serving");
+    assert!(!text.is_empty(), "empty completion");
+
+    // The CLI, as an operator runs it.
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains("engine: serving"), "{human}");
+    assert!(human.contains(&format!("pid {pid}")), "{human}");
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--json", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(doc["engine"]["state"], "serving");
+    assert_eq!(doc["schema"], 1);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    }
+    println!("{human}");
+    let metrics = d.get("/metrics").expect("/metrics");
+    assert!(metrics.contains("expertd_engine_serving 1"), "{metrics}");
+    assert!(metrics.contains("# TYPE expertd_engine_restarts_total counter"));
+
+    // The engine's decode speed reaches the status (polled from its /metrics).
+    let s = d.wait_status("decode speed in status", Duration::from_secs(15), |s| {
+        s["decode"]["tokens_per_second"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0)
+    });
+    assert!(s["decode"]["tokens_predicted_total"].as_f64().unwrap() >= 1.0);
+
+    // kill -9 the engine: restarted, serving again, counted.
+    assert!(signal("KILL", &pid.to_string()));
+    let s = d.wait_status("engine restarted after kill -9", SERVE, |s| {
+        s["engine"]["state"] == "serving" && s["engine"]["restarts"] == 1
+    });
+    let pid2 = s["engine"]["pid"].as_u64().unwrap() as u32;
+    assert_ne!(pid, pid2);
+    assert!(!alive(pid));
+    assert!(
+        s["last_error"].as_str().unwrap_or("").contains("SIGKILL"),
+        "{}",
+        s["last_error"]
+    );
+    assert!(d.complete("Hello again", 4).is_ok());
+
+    // SIGTERM the daemon: it stops the engine and exits 0, leaving no process behind.
+    let daemon_pid = d.pid();
+    let code = d.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", d.log_text());
+    assert!(!alive(pid2), "engine {pid2} outlived the daemon");
+    assert!(
+        group_members(pid2).is_empty(),
+        "orphans in the engine's group"
+    );
+    assert!(!alive(daemon_pid));
+    assert!(!d.socket.exists(), "socket left behind");
+    let log = d.log_text();
+    assert!(
+        log.contains("expertd::engine"),
+        "engine output not in the daemon's log"
+    );
+}
+
+#[test]
+fn an_engine_that_always_crashes_is_a_reported_crash_loop() {
+    let _one = serial();
+    let _engine = engine_binary(); // the suite needs the real engine; fail early without it
+    let dir = tempfile::tempdir().unwrap();
+    let crasher = dir.path().join("crasher.sh");
+    std::fs::write(
+        &crasher,
+        "#!/bin/sh\necho \"crasher: cannot serve\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&crasher, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut d = Daemon::start(
+        &tiny_model(),
+        &crasher,
+        "",
+        "[restart]\nbackoff_initial_ms = 50\nbackoff_max_secs = 1\ncrash_loop_restarts = 3\ncrash_loop_window_secs = 60",
+    );
+    let s = d.wait_status("crash loop", Duration::from_secs(60), |s| {
+        s["engine"]["state"] == "crash_loop"
+    });
+    assert_eq!(
+        s["engine"]["restarts"], 2,
+        "two restarts, then the third crash stops it"
+    );
+    assert_eq!(s["engine"]["last_exit"], "exited with status 3");
+    let err = s["last_error"].as_str().unwrap();
+    assert!(err.contains("crash loop"), "{err}");
+    assert!(s["engine"]["pid"].is_null());
+    // Still alive and answering, and not restarting any more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s2 = d.status().expect("daemon alive after the crash loop");
+    assert_eq!(s2["engine"]["state"], "crash_loop");
+    assert_eq!(s2["engine"]["restarts"], 2);
+    assert!(d.log_text().contains("crasher: cannot serve"));
+    assert_eq!(d.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn an_invalid_config_is_reported_and_the_engine_keeps_serving() {
+    let _one = serial();
+    let engine = engine_binary();
+    let mut d = Daemon::start(&tiny_model(), &engine, "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let good = std::fs::read_to_string(&d.config).unwrap();
+
+    // A harmless edit (a comment): re-planned, same plan, no restart.
+    d.write_config(&format!("# edited\n{good}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let s = d.status().unwrap();
+    assert_eq!(
+        s["engine"]["pid"].as_u64(),
+        Some(pid),
+        "restarted for an unchanged plan"
+    );
+    assert_eq!(s["engine"]["replans"], 0);
+
+    d.write_config(&format!("{good}\n[pool]\nmode = \"sometimes\"\n"));
+    let s = d.wait_status("config error in status", Duration::from_secs(30), |s| {
+        s["config"]["error"].is_string()
+    });
+    let err = s["config"]["error"].as_str().unwrap();
+    assert!(err.contains("pool.mode"), "{err}");
+    assert!(s["last_error"].as_str().unwrap().contains("pool.mode"));
+    assert_eq!(s["engine"]["state"], "serving");
+    assert_eq!(
+        s["engine"]["pid"].as_u64(),
+        Some(pid),
+        "the old engine must keep serving"
+    );
+    assert!(d.complete("Still here?", 4).is_ok());
+    // `expertd status` still finds the daemon although the config file is broken.
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config error"));
+
+    // Fixed again: the error clears, still the same engine.
+    d.write_config(&good);
+    let s = d.wait_status("config error cleared", Duration::from_secs(30), |s| {
+        s["config"]["error"].is_null()
+    });
+    assert_eq!(s["engine"]["pid"].as_u64(), Some(pid));
+
+    // SIGHUP (systemctl reload): re-planned, unchanged, so the engine keeps running.
+    let reloads = s["daemon"]["reloads"].as_u64().unwrap();
+    assert!(signal("HUP", &d.pid().to_string()));
+    let s = d.wait_status("SIGHUP reload", Duration::from_secs(30), |s| {
+        s["daemon"]["reloads"].as_u64() == Some(reloads + 1)
+    });
+    assert_eq!(s["engine"]["pid"].as_u64(), Some(pid));
+    assert_eq!(s["engine"]["state"], "serving");
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn a_changed_model_file_is_replanned_and_restarted() {
+    let _one = serial();
+    let engine = engine_binary();
+    let models = tempfile::tempdir().unwrap();
+    let model = models.path().join("model.gguf");
+    std::fs::copy(tiny_model(), &model).unwrap();
+    let mut d = Daemon::start(&model, &engine, "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().unwrap();
+
+    // Replace the model the way a download does: write aside, rename over.
+    let next = models.path().join("model.gguf.part");
+    write_tiny_model(&next, 7);
+    std::fs::rename(&next, &model).unwrap();
+    let s = d.wait_status("restart for the new model", SERVE, |s| {
+        s["engine"]["replans"] == 1 && s["engine"]["state"] == "serving"
+    });
+    assert_ne!(s["engine"]["pid"].as_u64(), Some(pid));
+    assert_eq!(s["engine"]["restarts"], 0, "a re-plan is not a crash");
+    assert!(!alive(pid as u32));
+    assert!(d.complete("New model", 4).is_ok());
+
+    // An unreadable model keeps the running engine (replaced by rename: the engine's
+    // mapping of the old file stays intact, as with any download).
+    std::fs::write(&next, b"not a gguf").unwrap();
+    std::fs::rename(&next, &model).unwrap();
+    let s = d.wait_status("model error reported", Duration::from_secs(30), |s| {
+        s["config"]["error"].is_string()
+    });
+    assert_eq!(s["engine"]["state"], "serving");
+    assert!(d.complete("Still serving", 4).is_ok());
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+    wait_for("engine gone", Duration::from_secs(5), || {
+        (!alive(s["engine"]["pid"].as_u64().unwrap() as u32)).then_some(())
+    });
+}
+
+#[test]
+fn an_engine_port_held_by_another_process_is_reported_then_recovered() {
+    let _one = serial();
+    let engine = engine_binary();
+    // Another process listens on the engine's port before the daemon starts.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let mut d = Daemon::start_with_env(
+        &tiny_model(),
+        &engine,
+        "",
+        "[restart]\nbackoff_initial_ms = 200\nbackoff_max_secs = 1\ncrash_loop_restarts = 50",
+        &[],
+        Some(port),
+    );
+    let s = d.wait_status("port conflict reported", Duration::from_secs(30), |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not free"))
+    });
+    assert_ne!(s["engine"]["state"], "serving");
+    drop(squatter);
+    let s = d.wait_serving(SERVE);
+    assert!(s["engine"]["restarts"].as_u64().unwrap() >= 1);
+    assert!(d.complete("Port is mine now", 4).is_ok());
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+}
