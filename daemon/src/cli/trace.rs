@@ -1,13 +1,240 @@
-//! `expertd trace` (not built yet).
+//! `expertd trace`: generate synthetic routing traces, print their statistics, and
+//! replay them against the pool's eviction policies and Belady's optimum. The trace
+//! format is documented in `ffi/TRACE_FORMAT.md` (and `expert_pool::trace`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::{Context, bail};
+use expert_pool::sim;
+use expert_pool::trace::{self, GenParams, Trace};
+
+/// `expertd trace` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum TraceCommand {
     /// Replay a routing trace against every policy and Belady's optimum.
-    Sim {},
+    Sim(SimArgs),
+    /// Per-layer statistics of a trace: consecutive-token reuse, popularity skew, LRU.
+    Stats(StatsArgs),
+    /// Write a synthetic trace with given reuse and Zipf popularity.
+    Gen(GenArgs),
 }
 
-pub fn run(_cmd: TraceCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`expertd trace` is not built yet")
+/// Arguments of `expertd trace sim`.
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// Trace file (text or binary).
+    pub trace: PathBuf,
+    /// Slots per layer (repeat or comma-separate for several tables).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub slots: Vec<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `expertd trace stats`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// Trace file (text or binary).
+    pub trace: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `expertd trace gen`.
+#[derive(Debug, clap::Args)]
+pub struct GenArgs {
+    /// Consecutive-token reuse: one value, or LO..HI spread over the layers.
+    #[arg(long, default_value = "0.36")]
+    pub reuse: String,
+    /// Zipf exponent of expert popularity.
+    #[arg(long, default_value_t = 0.65)]
+    pub zipf: f64,
+    /// MoE layers.
+    #[arg(long, default_value_t = 24)]
+    pub layers: u32,
+    /// Experts per layer.
+    #[arg(long, default_value_t = 128)]
+    pub experts: u32,
+    /// Experts used per token.
+    #[arg(long, default_value_t = 8)]
+    pub used: u32,
+    /// Tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: u32,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write the text encoding instead of binary.
+    #[arg(long)]
+    pub text: bool,
+    /// Output file.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+}
+
+/// Runs one `expertd trace` subcommand.
+pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TraceCommand::Sim(a) => run_sim(a),
+        TraceCommand::Stats(a) => run_stats(a),
+        TraceCommand::Gen(a) => run_gen(a),
+    }
+}
+
+fn read(path: &std::path::Path) -> anyhow::Result<Trace> {
+    Trace::read(path).with_context(|| format!("reading trace {}", path.display()))
+}
+
+fn run_sim(a: SimArgs) -> anyhow::Result<ExitCode> {
+    let t = read(&a.trace)?;
+    let mut tables = Vec::new();
+    for &slots in &a.slots {
+        let rows = sim::sim_table(&t, slots).with_context(|| format!("--slots {slots}"))?;
+        tables.push((slots, rows));
+    }
+    if a.json {
+        let v: Vec<_> = tables
+            .iter()
+            .map(|(slots, rows)| serde_json::json!({"slots": slots, "rows": rows}))
+            .collect();
+        let out = serde_json::json!({
+            "trace": a.trace.display().to_string(),
+            "layers": t.layers, "experts": t.experts, "used": t.used, "tokens": t.tokens(),
+            "tables": v,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "trace {}: {} layers, {} experts, {} used, {} tokens",
+        a.trace.display(),
+        t.layers,
+        t.experts,
+        t.used,
+        t.tokens()
+    );
+    for (slots, rows) in tables {
+        println!("\nslots per layer: {slots}");
+        println!(
+            "{:<12} {:>12} {:>12} {:>9} {:>10}",
+            "policy", "hits", "misses", "hit rate", "vs belady"
+        );
+        for r in rows {
+            println!(
+                "{:<12} {:>12} {:>12} {:>8.2}% {:>10.3}",
+                r.policy,
+                r.hits,
+                r.misses,
+                100.0 * r.hit_rate,
+                r.ratio_to_belady
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
+    let t = read(&a.trace)?;
+    let s = trace::stats(&t);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lru_slots = (t.experts as usize).div_ceil(4).max(t.used as usize);
+    println!(
+        "trace {}: {} layers, {} experts, {} used, {} tokens",
+        a.trace.display(),
+        t.layers,
+        t.experts,
+        t.used,
+        t.tokens()
+    );
+    println!(
+        "{:>5} {:>8} {:>10} {:>8} {:>14}",
+        "layer",
+        "reuse",
+        "top10%",
+        "zipf s",
+        format!("LRU@{lru_slots}")
+    );
+    for l in &s {
+        println!(
+            "{:>5} {:>7.1}% {:>9.1}% {:>8.2} {:>13.1}%",
+            l.layer,
+            100.0 * l.reuse,
+            100.0 * l.top10_share,
+            l.zipf_s,
+            100.0 * l.lru_hit_rate_25
+        );
+    }
+    let n = s.len().max(1) as f64;
+    println!(
+        "{:>5} {:>7.1}% {:>9.1}% {:>8.2} {:>13.1}%",
+        "mean",
+        100.0 * s.iter().map(|l| l.reuse).sum::<f64>() / n,
+        100.0 * s.iter().map(|l| l.top10_share).sum::<f64>() / n,
+        s.iter().map(|l| l.zipf_s).sum::<f64>() / n,
+        100.0 * s.iter().map(|l| l.lru_hit_rate_25).sum::<f64>() / n
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_reuse(s: &str) -> anyhow::Result<(f64, f64)> {
+    let parse = |x: &str| -> anyhow::Result<f64> {
+        let v: f64 = x
+            .trim()
+            .parse()
+            .with_context(|| format!("--reuse: not a number: {x:?}"))?;
+        if !(0.0..=1.0).contains(&v) {
+            bail!("--reuse: {v} is not in 0..=1");
+        }
+        Ok(v)
+    };
+    match s.split_once("..") {
+        Some((lo, hi)) => Ok((parse(lo)?, parse(hi)?)),
+        None => {
+            let v = parse(s)?;
+            Ok((v, v))
+        }
+    }
+}
+
+fn run_gen(a: GenArgs) -> anyhow::Result<ExitCode> {
+    let p = GenParams {
+        layers: a.layers,
+        experts: a.experts,
+        used: a.used,
+        tokens: a.tokens,
+        reuse: parse_reuse(&a.reuse)?,
+        zipf: a.zipf,
+        seed: a.seed,
+    };
+    let t = trace::generate(&p).context("generating the trace")?;
+    t.write(&a.output, a.text)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!(
+        "wrote {} ({} tokens x {} layers x {} experts used of {})",
+        a.output.display(),
+        t.tokens(),
+        t.layers,
+        t.used,
+        t.experts
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuse_ranges_parse() {
+        assert_eq!(parse_reuse("0.3").unwrap(), (0.3, 0.3));
+        assert_eq!(parse_reuse("0.25..0.47").unwrap(), (0.25, 0.47));
+        assert!(parse_reuse("1.5").is_err());
+        assert!(parse_reuse("a..b").is_err());
+    }
 }

@@ -1,0 +1,175 @@
+//! Pool metrics: plain counters in each layer's state (the pool lock makes them
+//! single-writer, so the hot path pays a few additions), a serialisable snapshot, and
+//! the stats file the daemon reads.
+//!
+//! # The stats file
+//!
+//! When the engine gives the pool a path, the pool rewrites that file atomically
+//! (write `PATH.tmp.PID`, then rename over `PATH`) at most every `stats_interval_ms`
+//! milliseconds from a background thread, once more when the pool is deleted, and on
+//! `ep_pool_publish_stats`. The content is one JSON object, [`StatsSnapshot`]:
+//!
+//! ```json
+//! {"format":"expert-pool-stats","version":1,"pid":1234,"unix_ms":1700000000000,
+//!  "io":"io_uring","direct_files":1,"policy":"lfru","warnings":[],
+//!  "total":{"requests":10,"hits":70,"inflight_hits":2,"misses":8, ...},
+//!  "layers":[{"layer":3,"n_experts":128,"n_slots":32,"resident":32,
+//!             "counters":{"requests":10, ...}}]}
+//! ```
+//!
+//! Counters are cumulative since the pool was created (see [`Counters`] for each).
+//! `hits + inflight_hits + misses` equals the distinct experts of all requests that
+//! were served (did-not-fit and invalid requests count only in their own counters).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Cumulative counters of one layer, or of the whole pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(C)]
+pub struct Counters {
+    /// Requests served (every needed expert made resident and slots returned).
+    pub requests: u64,
+    /// Distinct requested experts that were ready in a slot.
+    pub hits: u64,
+    /// Distinct requested experts whose (prefetch) fill was in flight: waited for.
+    pub inflight_hits: u64,
+    /// Distinct requested experts that were not resident: read on demand.
+    pub misses: u64,
+    /// Experts removed from a slot to make room (demand or prefetch).
+    pub evictions: u64,
+    /// Bytes of expert data read from files (demand and prefetch; wanted bytes).
+    pub bytes_read: u64,
+    /// Nanoseconds requests spent waiting for reads.
+    pub stall_ns: u64,
+    /// Prefetch fills started.
+    pub prefetch_issued: u64,
+    /// Bytes of prefetch fills started.
+    pub prefetch_issued_bytes: u64,
+    /// Prefetched experts that a request used before they were evicted.
+    pub prefetch_useful: u64,
+    /// Bytes of those.
+    pub prefetch_useful_bytes: u64,
+    /// Prefetched experts evicted (or cancelled) before any request used them.
+    pub prefetch_wasted: u64,
+    /// Bytes of those.
+    pub prefetch_wasted_bytes: u64,
+    /// Prefetch hints not started: no slot free of held/filling experts, or the
+    /// in-flight prefetch limit was reached.
+    pub prefetch_dropped: u64,
+    /// Requests whose distinct experts exceeded the slots (served by the engine's
+    /// original tensors).
+    pub does_not_fit: u64,
+    /// Requests or prefetches that failed with an error (I/O, changed file, bad ids).
+    pub errors: u64,
+}
+
+impl Counters {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &Counters) {
+        self.requests += o.requests;
+        self.hits += o.hits;
+        self.inflight_hits += o.inflight_hits;
+        self.misses += o.misses;
+        self.evictions += o.evictions;
+        self.bytes_read += o.bytes_read;
+        self.stall_ns += o.stall_ns;
+        self.prefetch_issued += o.prefetch_issued;
+        self.prefetch_issued_bytes += o.prefetch_issued_bytes;
+        self.prefetch_useful += o.prefetch_useful;
+        self.prefetch_useful_bytes += o.prefetch_useful_bytes;
+        self.prefetch_wasted += o.prefetch_wasted;
+        self.prefetch_wasted_bytes += o.prefetch_wasted_bytes;
+        self.prefetch_dropped += o.prefetch_dropped;
+        self.does_not_fit += o.does_not_fit;
+        self.errors += o.errors;
+    }
+
+    /// Hit rate over distinct requested experts (in-flight hits count as hits), or 0.
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.inflight_hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            (self.hits + self.inflight_hits) as f64 / total as f64
+        }
+    }
+}
+
+/// One layer in a [`StatsSnapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// The engine's layer index.
+    pub layer: i32,
+    /// Experts of the layer.
+    pub n_experts: u32,
+    /// Slots of the layer.
+    pub n_slots: u32,
+    /// Slots holding a ready expert now.
+    pub resident: u32,
+    /// Cumulative counters.
+    pub counters: Counters,
+}
+
+/// The published stats (see the module documentation for the file format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    /// Always `"expert-pool-stats"`.
+    pub format: String,
+    /// Format version, 1.
+    pub version: u32,
+    /// Process id of the engine.
+    pub pid: u32,
+    /// Wall-clock time of the snapshot, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// I/O path: `"io_uring"` or `"pread"`.
+    pub io: String,
+    /// Registered files read with O_DIRECT.
+    pub direct_files: u32,
+    /// Registered files.
+    pub files: u32,
+    /// Eviction policy.
+    pub policy: String,
+    /// Warnings raised so far (e.g. fallbacks), oldest first.
+    pub warnings: Vec<String>,
+    /// Sum over layers.
+    pub total: Counters,
+    /// Per registered layer, in registration order.
+    pub layers: Vec<LayerStats>,
+}
+
+/// The `format` field of [`StatsSnapshot`].
+pub const STATS_FORMAT: &str = "expert-pool-stats";
+
+impl StatsSnapshot {
+    /// Parses a stats file's content.
+    pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+/// Writes `snap` to `path` atomically: a temp file in the same directory, fsync-free
+/// (stats are advisory), then rename.
+pub fn write_atomic(path: &Path, snap: &StatsSnapshot) -> std::io::Result<()> {
+    let json = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
+    let mut tmp = PathBuf::from(path);
+    let name = format!(
+        "{}.tmp.{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "stats".into()),
+        std::process::id()
+    );
+    tmp.set_file_name(name);
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+    }
+    fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}

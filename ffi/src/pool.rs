@@ -1,0 +1,928 @@
+//! The pool: registered files and layers, reads in flight, prefetch and metrics. All
+//! state sits behind one mutex; every public method locks it, so a [`Pool`] can be
+//! shared between threads and calls on one pool are serialised.
+//!
+//! A request plans with the layer's [`SlotMap`], starts one read per projection of
+//! every miss (all submitted as one batch), then reaps completions until every needed
+//! slot is ready. Completed reads of any layer are copied into their slots by whichever
+//! pool call reaps them (request, prefetch or poll), never by a background thread, so
+//! sink callbacks run only inside pool calls, on the caller's thread.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::dest::{OwnedSlots, SlotSink};
+use crate::error::{PoolError, Result};
+use crate::io::{ActiveIo, Event, IoEngine, IoMode, ModelFile};
+use crate::metrics::{self, Counters, LayerStats, StatsSnapshot};
+use crate::policy::PolicyKind;
+use crate::slots::{Completion, FillOrder, NONE, PrefetchPlan, RequestPlan, SlotMap, SlotState};
+
+/// Severity of a log message handed to [`PoolConfig::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum LogLevel {
+    /// Informational.
+    Info = 0,
+    /// Something degraded (a fallback) but the pool works.
+    Warn = 1,
+    /// An operation failed.
+    Error = 2,
+}
+
+/// A log sink: called with the pool locked, on the thread of the pool call.
+pub type LogFn = Box<dyn Fn(LogLevel, &str) + Send + Sync>;
+
+/// Largest engine layer index accepted.
+pub const MAX_LAYER: i32 = 65535;
+
+/// Most projections per layer (gate, up, down; or gate_up, down; one spare).
+pub const MAX_PROJ: usize = 4;
+
+/// Default limit of prefetch fills in flight.
+pub const DEFAULT_MAX_PREFETCH_INFLIGHT: u32 = 64;
+
+/// How to build a pool.
+pub struct PoolConfig {
+    /// Eviction policy of every layer.
+    pub policy: PolicyKind,
+    /// I/O path wanted.
+    pub io_mode: IoMode,
+    /// io_uring queue depth (0: default 64).
+    pub queue_depth: u32,
+    /// Prefetch fills in flight at most (0: default 64).
+    pub max_prefetch_inflight: u32,
+    /// Stats file rewritten by a background thread; `None` for none.
+    pub stats_path: Option<PathBuf>,
+    /// Minimum interval between stats file writes (0: 1000 ms).
+    pub stats_interval_ms: u32,
+    /// Log sink for warnings (fallbacks) and errors.
+    pub log: Option<LogFn>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            policy: PolicyKind::DEFAULT,
+            io_mode: IoMode::Auto,
+            queue_depth: 0,
+            max_prefetch_inflight: 0,
+            stats_path: None,
+            stats_interval_ms: 0,
+            log: None,
+        }
+    }
+}
+
+/// One projection (gate, up, down, gate_up) of a layer's experts in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjSpec {
+    /// File id from [`Pool::add_file`] / [`Pool::add_fd`].
+    pub file: u32,
+    /// Absolute file offset of expert 0 (GGUF data offset + tensor offset).
+    pub offset: u64,
+    /// Distance between consecutive experts in the file (`nb[2]`).
+    pub stride: u64,
+    /// Bytes of one expert.
+    pub bytes: u64,
+}
+
+/// A MoE layer to register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// The engine's layer index (0..=65535).
+    pub layer: i32,
+    /// Experts of the layer.
+    pub n_experts: u32,
+    /// Slots of the layer.
+    pub n_slots: u32,
+    /// Projections; expert `e` of all of them shares one slot.
+    pub projs: Vec<ProjSpec>,
+}
+
+/// What a prefetch call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefetchOutcome {
+    /// Fills started.
+    pub started: u32,
+    /// Hints already resident or in flight.
+    pub resident: u32,
+    /// Hints dropped (no eligible slot, or the in-flight limit).
+    pub dropped: u32,
+}
+
+thread_local! {
+    /// Set while this thread runs a pool callback (sink or log); pool calls refuse.
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the re-entrancy flag set.
+fn in_callback<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_CALLBACK.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(IN_CALLBACK.with(|c| c.replace(true)));
+    f()
+}
+
+struct Proj {
+    file: usize,
+    offset: u64,
+    stride: u64,
+    bytes: usize,
+}
+
+struct Layer {
+    id: i32,
+    map: SlotMap,
+    projs: Vec<Proj>,
+    sink: Box<dyn SlotSink>,
+    counters: Counters,
+    expert_bytes: u64,
+}
+
+struct Fill {
+    layer: usize,
+    order: FillOrder,
+    remaining: u32,
+    error: Option<PoolError>,
+    prefetch: bool,
+}
+
+struct Inner {
+    policy: PolicyKind,
+    io_mode: IoMode,
+    max_prefetch_inflight: usize,
+    files: Vec<ModelFile>,
+    layers: Vec<Layer>,
+    /// Engine layer index -> index into `layers` (NONE if unregistered).
+    layer_index: Vec<u32>,
+    io: IoEngine,
+    fills: Vec<Option<Fill>>,
+    free_fills: Vec<usize>,
+    prefetch_inflight: usize,
+    warnings: Vec<String>,
+    log: Option<LogFn>,
+    stats_path: Option<PathBuf>,
+    plan: RequestPlan,
+    events: Vec<Event>,
+    /// The latest fill failure, handed to the request that waited for it.
+    last_fill_error: Option<PoolError>,
+}
+
+/// The expert pool. See the module documentation.
+pub struct Pool {
+    inner: Arc<Mutex<Inner>>,
+    publisher: Option<Publisher>,
+}
+
+struct Publisher {
+    stop: mpsc::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+impl Pool {
+    /// Creates a pool. Warnings (io_uring unavailable) go to the log sink once and to
+    /// [`Pool::warnings`].
+    pub fn new(cfg: PoolConfig) -> Result<Pool> {
+        let io = IoEngine::new(cfg.io_mode, cfg.queue_depth);
+        let mut inner = Inner {
+            policy: cfg.policy,
+            io_mode: cfg.io_mode,
+            max_prefetch_inflight: if cfg.max_prefetch_inflight == 0 {
+                DEFAULT_MAX_PREFETCH_INFLIGHT as usize
+            } else {
+                cfg.max_prefetch_inflight as usize
+            },
+            files: Vec::new(),
+            layers: Vec::new(),
+            layer_index: Vec::new(),
+            io,
+            fills: Vec::new(),
+            free_fills: Vec::new(),
+            prefetch_inflight: 0,
+            warnings: Vec::new(),
+            log: cfg.log,
+            stats_path: cfg.stats_path.clone(),
+            plan: RequestPlan::default(),
+            events: Vec::new(),
+            last_fill_error: None,
+        };
+        if let Some(why) = inner.io.uring_refused.clone() {
+            inner.warn(format!(
+                "{why}; falling back to pread (no overlap of prefetch)"
+            ));
+        }
+        let inner = Arc::new(Mutex::new(inner));
+        let publisher = cfg.stats_path.map(|path| {
+            let interval = Duration::from_millis(match cfg.stats_interval_ms {
+                0 => 1000,
+                ms => u64::from(ms),
+            });
+            spawn_publisher(Arc::clone(&inner), path, interval)
+        });
+        Ok(Pool { inner, publisher })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
+        if IN_CALLBACK.with(|c| c.get()) {
+            return Err(PoolError::Reentrant);
+        }
+        self.inner.lock().map_err(|_| {
+            PoolError::Internal("the pool is unusable after a panic in an earlier call".into())
+        })
+    }
+
+    /// Registers a model file by path; returns its file id.
+    pub fn add_file(&self, path: &Path) -> Result<u32> {
+        let mut g = self.lock()?;
+        let mode = g.io_mode;
+        let f = ModelFile::open(path, mode)?;
+        Ok(g.push_file(f))
+    }
+
+    /// Registers an open descriptor (the pool keeps a duplicate); returns its file id.
+    pub fn add_fd(&self, fd: i32) -> Result<u32> {
+        let mut g = self.lock()?;
+        let mode = g.io_mode;
+        let f = ModelFile::from_fd(fd, mode)?;
+        Ok(g.push_file(f))
+    }
+
+    /// Registers a layer. With `sink == None` the pool allocates the slot memory (see
+    /// [`Pool::slot_base`]).
+    pub fn add_layer(&self, spec: &LayerSpec, sink: Option<Box<dyn SlotSink>>) -> Result<()> {
+        let mut g = self.lock()?;
+        g.add_layer(spec, sink)
+    }
+
+    /// Makes every expert of `ids` resident and writes its slot to `out`. `ids` holds
+    /// `n_tokens` rows of `n_used` expert ids, row `t` at `ids[t * row_stride..]`; `out`
+    /// gets `n_tokens * n_used` slots, row-major. Slots of one token are distinct.
+    pub fn request(
+        &self,
+        layer: i32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let mut g = self.lock()?;
+        g.request(layer, ids, n_used, n_tokens, row_stride, out)
+    }
+
+    /// Starts fills for predicted experts of `layer` without waiting for them.
+    pub fn prefetch(&self, layer: i32, experts: &[i32]) -> Result<PrefetchOutcome> {
+        let mut g = self.lock()?;
+        g.prefetch(layer, experts)
+    }
+
+    /// Copies completed reads into their slots; never blocks on I/O.
+    pub fn poll(&self) -> Result<()> {
+        let mut g = self.lock()?;
+        g.poll_nowait()
+    }
+
+    /// Counters of one layer, or of the whole pool with `None`.
+    pub fn counters(&self, layer: Option<i32>) -> Result<Counters> {
+        let g = self.lock()?;
+        match layer {
+            None => {
+                let mut c = Counters::default();
+                for l in &g.layers {
+                    c.add(&l.counters);
+                }
+                Ok(c)
+            }
+            Some(id) => Ok(g.layers[g.index_of(id)?].counters),
+        }
+    }
+
+    /// A snapshot of all stats, as published in the stats file.
+    pub fn snapshot(&self) -> Result<StatsSnapshot> {
+        Ok(self.lock()?.snapshot())
+    }
+
+    /// Writes the stats file now (error if the pool has no stats path).
+    pub fn publish_stats(&self) -> Result<()> {
+        let (snap, path) = {
+            let g = self.lock()?;
+            let path = g
+                .stats_path
+                .clone()
+                .ok_or_else(|| PoolError::State("the pool has no stats file".into()))?;
+            (g.snapshot(), path)
+        };
+        metrics::write_atomic(&path, &snap).map_err(|source| PoolError::Io {
+            path: path.display().to_string(),
+            offset: 0,
+            len: 0,
+            source,
+        })
+    }
+
+    /// Base pointer and slot stride of projection `proj` of `layer`, for memory sinks.
+    pub fn slot_base(&self, layer: i32, proj: usize) -> Result<(*mut u8, usize)> {
+        let g = self.lock()?;
+        let l = &g.layers[g.index_of(layer)?];
+        if proj >= l.projs.len() {
+            return Err(PoolError::invalid(format!(
+                "layer {layer} has {} projections, asked for {proj}",
+                l.projs.len()
+            )));
+        }
+        l.sink.base(proj).ok_or_else(|| {
+            PoolError::State(format!(
+                "layer {layer} fills through a callback: no slot memory"
+            ))
+        })
+    }
+
+    /// The bytes of projection `proj` in `slot` of `layer` (memory sinks only; tests).
+    pub fn slot_bytes(&self, layer: i32, proj: usize, slot: u32) -> Result<Option<Vec<u8>>> {
+        let g = self.lock()?;
+        let l = &g.layers[g.index_of(layer)?];
+        let len = l.projs.get(proj).map(|p| p.bytes).unwrap_or(0);
+        Ok(l.sink.read(proj, slot, len))
+    }
+
+    /// Expert in `slot` of `layer` and whether it is ready (tests, introspection).
+    pub fn slot_state(&self, layer: i32, slot: u32) -> Result<(Option<u32>, SlotState, bool)> {
+        let g = self.lock()?;
+        let l = &g.layers[g.index_of(layer)?];
+        if slot >= l.map.n_slots() {
+            return Err(PoolError::invalid("slot out of range"));
+        }
+        Ok((
+            l.map.expert_in(slot),
+            l.map.state(slot),
+            l.map.is_held(slot),
+        ))
+    }
+
+    /// The I/O path in use.
+    pub fn io_active(&self) -> Result<ActiveIo> {
+        Ok(self.lock()?.io.active())
+    }
+
+    /// Whether file `file` is read with O_DIRECT.
+    pub fn file_is_direct(&self, file: u32) -> Result<bool> {
+        let g = self.lock()?;
+        g.files
+            .get(file as usize)
+            .map(|f| f.is_direct())
+            .ok_or_else(|| PoolError::invalid(format!("unknown file id {file}")))
+    }
+
+    /// Warnings raised so far.
+    pub fn warnings(&self) -> Result<Vec<String>> {
+        Ok(self.lock()?.warnings.clone())
+    }
+
+    /// Makes the next read completions report `faults` (fault-injection for tests of the
+    /// completion handling: errors, EINTR, short reads).
+    #[doc(hidden)]
+    pub fn inject_faults(&self, faults: &[crate::io::Fault]) -> Result<()> {
+        self.lock()?.io.inject_faults(faults);
+        Ok(())
+    }
+
+    /// Reads in flight (submitted, not reaped).
+    pub fn reads_in_flight(&self) -> Result<usize> {
+        Ok(self.lock()?.io.pending())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(p) = self.publisher.take() {
+            let _ = p.stop.send(());
+            let _ = p.handle.join();
+        }
+        if let Ok(g) = self.inner.lock() {
+            if let Some(path) = g.stats_path.clone() {
+                let snap = g.snapshot();
+                drop(g);
+                let _ = metrics::write_atomic(&path, &snap);
+            }
+        }
+    }
+}
+
+fn spawn_publisher(inner: Arc<Mutex<Inner>>, path: PathBuf, interval: Duration) -> Publisher {
+    let (stop, rx) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("expert-pool-stats".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+                let snap = match inner.lock() {
+                    Ok(g) => g.snapshot(),
+                    Err(_) => return,
+                };
+                let _ = metrics::write_atomic(&path, &snap);
+            }
+        })
+        .expect("spawning the stats thread");
+    Publisher { stop, handle }
+}
+
+impl Inner {
+    fn warn(&mut self, msg: String) {
+        if self.warnings.contains(&msg) {
+            return;
+        }
+        if let Some(log) = &self.log {
+            in_callback(|| log(LogLevel::Warn, &msg));
+        }
+        self.warnings.push(msg);
+    }
+
+    fn push_file(&mut self, f: ModelFile) -> u32 {
+        if let Some(why) = f.direct_refused.clone() {
+            let msg = format!("{}: {why}; using buffered reads", f.name);
+            self.warn(msg);
+        }
+        self.files.push(f);
+        (self.files.len() - 1) as u32
+    }
+
+    fn index_of(&self, layer: i32) -> Result<usize> {
+        if !(0..=MAX_LAYER).contains(&layer) {
+            return Err(PoolError::invalid(format!(
+                "layer index {layer} out of range 0..={MAX_LAYER}"
+            )));
+        }
+        match self.layer_index.get(layer as usize) {
+            Some(&i) if i != NONE => Ok(i as usize),
+            _ => Err(PoolError::State(format!("layer {layer} is not registered"))),
+        }
+    }
+
+    fn add_layer(&mut self, spec: &LayerSpec, sink: Option<Box<dyn SlotSink>>) -> Result<()> {
+        if !(0..=MAX_LAYER).contains(&spec.layer) {
+            return Err(PoolError::invalid(format!(
+                "layer index {} out of range 0..={MAX_LAYER}",
+                spec.layer
+            )));
+        }
+        if self.index_of(spec.layer).is_ok() {
+            return Err(PoolError::State(format!(
+                "layer {} is already registered",
+                spec.layer
+            )));
+        }
+        if spec.projs.is_empty() || spec.projs.len() > MAX_PROJ {
+            return Err(PoolError::invalid(format!(
+                "a layer needs 1..={MAX_PROJ} projections, got {}",
+                spec.projs.len()
+            )));
+        }
+        let map = SlotMap::new(spec.n_experts, spec.n_slots, self.policy)?;
+        let mut projs = Vec::with_capacity(spec.projs.len());
+        for (p, ps) in spec.projs.iter().enumerate() {
+            let file = self.files.get(ps.file as usize).ok_or_else(|| {
+                PoolError::invalid(format!("projection {p}: unknown file id {}", ps.file))
+            })?;
+            if ps.bytes == 0 || ps.bytes > u64::from(u32::MAX) {
+                return Err(PoolError::invalid(format!(
+                    "projection {p}: expert bytes must be in 1..=4 GiB, got {}",
+                    ps.bytes
+                )));
+            }
+            if ps.stride < ps.bytes {
+                return Err(PoolError::invalid(format!(
+                    "projection {p}: stride {} is smaller than the expert size {}",
+                    ps.stride, ps.bytes
+                )));
+            }
+            let end = u64::from(spec.n_experts - 1)
+                .checked_mul(ps.stride)
+                .and_then(|x| x.checked_add(ps.offset))
+                .and_then(|x| x.checked_add(ps.bytes));
+            match end {
+                Some(end) if end <= file.size() => {}
+                _ => {
+                    return Err(PoolError::invalid(format!(
+                        "projection {p}: experts end past the end of {} ({} bytes)",
+                        file.name,
+                        file.size()
+                    )));
+                }
+            }
+            projs.push(Proj {
+                file: ps.file as usize,
+                offset: ps.offset,
+                stride: ps.stride,
+                bytes: ps.bytes as usize,
+            });
+        }
+        let sink = match sink {
+            Some(s) => s,
+            None => {
+                let bytes: Vec<usize> = projs.iter().map(|p| p.bytes).collect();
+                Box::new(OwnedSlots::new(spec.n_slots, &bytes)?)
+            }
+        };
+        let expert_bytes = projs.iter().map(|p| p.bytes as u64).sum();
+        let idx = self.layers.len() as u32;
+        self.layers.push(Layer {
+            id: spec.layer,
+            map,
+            projs,
+            sink,
+            counters: Counters::default(),
+            expert_bytes,
+        });
+        let li = spec.layer as usize;
+        if self.layer_index.len() <= li {
+            self.layer_index.resize(li + 1, NONE);
+        }
+        self.layer_index[li] = idx;
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        layer: i32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let li = self.index_of(layer)?;
+        if out.len() < n_used * n_tokens {
+            return Err(PoolError::invalid(
+                "output buffer shorter than n_used * n_tokens",
+            ));
+        }
+        if self.io.pending() > 0 || self.io.has_completions() {
+            self.poll_nowait()?;
+        }
+        let mut plan = std::mem::take(&mut self.plan);
+        let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
+        self.plan = plan;
+        let l = &mut self.layers[li];
+        match &res {
+            Ok(()) => l.counters.requests += 1,
+            Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
+            Err(_) => l.counters.errors += 1,
+        }
+        res.map_err(|e| match e {
+            PoolError::DoesNotFit { needed, slots, .. } => PoolError::DoesNotFit {
+                layer,
+                needed,
+                slots,
+            },
+            e => e,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn request_planned(
+        &mut self,
+        li: usize,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+        plan: &mut RequestPlan,
+    ) -> Result<()> {
+        let l = &mut self.layers[li];
+        l.map
+            .plan_request(ids, n_used, n_tokens, row_stride, plan)?;
+        let eb = l.expert_bytes;
+        let c = &mut l.counters;
+        c.hits += u64::from(plan.hits);
+        c.inflight_hits += plan.waits.len() as u64;
+        c.misses += plan.fills.len() as u64;
+        c.prefetch_useful += u64::from(plan.prefetch_useful);
+        c.prefetch_useful_bytes += u64::from(plan.prefetch_useful) * eb;
+        for ev in &plan.evictions {
+            c.evictions += 1;
+            if ev.unused_prefetch {
+                c.prefetch_wasted += 1;
+                c.prefetch_wasted_bytes += eb;
+            }
+        }
+        if plan.fills.is_empty() && plan.waits.is_empty() {
+            return self.layers[li]
+                .map
+                .finish(ids, n_used, n_tokens, row_stride, out);
+        }
+        let t0 = Instant::now();
+        self.last_fill_error = None;
+        let mut early_error = None;
+        if !plan.fills.is_empty() {
+            if let Err(e) = self.check_layer_files(li) {
+                for &f in &plan.fills {
+                    self.layers[li].map.complete(f, false);
+                }
+                early_error = Some(e);
+            } else {
+                for &f in &plan.fills {
+                    self.start_fill(li, f, false);
+                }
+                self.io.submit()?;
+            }
+        }
+        // Wait until no needed slot is still being filled.
+        let wait_result = loop {
+            self.process_finished();
+            let map = &self.layers[li].map;
+            let busy = plan
+                .fills
+                .iter()
+                .map(|f| f.slot)
+                .chain(plan.waits.iter().copied())
+                .any(|s| map.state(s) == SlotState::Filling);
+            if !busy {
+                break Ok(());
+            }
+            if self.io.pending() == 0 {
+                break Err(PoolError::Internal(
+                    "a needed slot is filling but no read is in flight".into(),
+                ));
+            }
+            if let Err(e) = self.io.reap(true) {
+                break Err(e);
+            }
+        };
+        self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
+        wait_result?;
+        if let Some(e) = early_error {
+            return Err(e);
+        }
+        match self.layers[li]
+            .map
+            .finish(ids, n_used, n_tokens, row_stride, out)
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.last_fill_error.take().unwrap_or(e)),
+        }
+    }
+
+    fn check_layer_files(&self, li: usize) -> Result<()> {
+        let l = &self.layers[li];
+        for (i, p) in l.projs.iter().enumerate() {
+            if l.projs[..i].iter().any(|q| q.file == p.file) {
+                continue;
+            }
+            self.files[p.file].check_unchanged()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the reads of one fill (queued; the caller submits).
+    fn start_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) {
+        let fid = match self.free_fills.pop() {
+            Some(i) => i,
+            None => {
+                self.fills.push(None);
+                self.fills.len() - 1
+            }
+        };
+        self.fills[fid] = Some(Fill {
+            layer: li,
+            order,
+            remaining: 0,
+            error: None,
+            prefetch,
+        });
+        if prefetch {
+            self.prefetch_inflight += 1;
+        }
+        let n_proj = self.layers[li].projs.len();
+        let mut started = 0;
+        let mut error = None;
+        for p in 0..n_proj {
+            let proj = &self.layers[li].projs[p];
+            let off = proj.offset + u64::from(order.expert) * proj.stride;
+            let tag = ((fid as u64) << 8) | p as u64;
+            match self
+                .io
+                .start_read(&self.files[proj.file], off, proj.bytes, tag)
+            {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let fill = self.fills[fid].as_mut().expect("fill just stored");
+        fill.remaining += started;
+        if let Some(e) = error {
+            fill.error = Some(e);
+        }
+        if fill.remaining == 0 {
+            self.end_fill(fid);
+        }
+    }
+
+    /// Handles read events: copies the bytes into the slot when the fill is still
+    /// current (each chunk as it arrives for memory sinks, the whole projection at the
+    /// end for callbacks), and completes fills whose reads are all done.
+    fn process_finished(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        self.io.take_events(&mut events);
+        for ev in events.drain(..) {
+            match ev {
+                Event::Part { op, tag, range } => {
+                    let (fid, proj) = ((tag >> 8) as usize, (tag & 0xff) as usize);
+                    let fill = self.fills[fid].as_ref().expect("read of an unknown fill");
+                    let order = fill.order;
+                    let l = &mut self.layers[fill.layer];
+                    let current = l.map.generation(order.slot) == order.generation
+                        && l.map.state(order.slot) == SlotState::Filling;
+                    if current && fill.error.is_none() && l.sink.partial() {
+                        let data = &self.io.data(op)[range.clone()];
+                        let (sink, id) = (&mut l.sink, l.id);
+                        in_callback(|| sink.write(id, proj, order.slot, range.start, data));
+                    }
+                }
+                Event::Done { op, tag, result } => {
+                    let (fid, proj) = ((tag >> 8) as usize, (tag & 0xff) as usize);
+                    let fill = self.fills[fid].as_mut().expect("read of an unknown fill");
+                    let order = fill.order;
+                    match result {
+                        Ok(()) => {
+                            let l = &mut self.layers[fill.layer];
+                            let data = self.io.data(op);
+                            l.counters.bytes_read += data.len() as u64;
+                            let current = l.map.generation(order.slot) == order.generation
+                                && l.map.state(order.slot) == SlotState::Filling;
+                            if current && fill.error.is_none() && !l.sink.partial() {
+                                let (sink, id) = (&mut l.sink, l.id);
+                                in_callback(|| sink.write(id, proj, order.slot, 0, data));
+                            }
+                        }
+                        Err(e) => {
+                            if fill.error.is_none() {
+                                fill.error = Some(e);
+                            }
+                        }
+                    }
+                    self.io.release(op);
+                    let fill = self.fills[fid].as_mut().expect("fill");
+                    fill.remaining -= 1;
+                    if fill.remaining == 0 {
+                        self.end_fill(fid);
+                    }
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    /// Completes fill `fid` (all its reads are in, or none could start).
+    fn end_fill(&mut self, fid: usize) {
+        let mut fill = self.fills[fid].take().expect("ending an unknown fill");
+        self.free_fills.push(fid);
+        if fill.prefetch {
+            self.prefetch_inflight -= 1;
+        }
+        let li = fill.layer;
+        if fill.error.is_none() {
+            // Data read while the file changed must not be served.
+            let l = &self.layers[li];
+            for p in &l.projs {
+                if let Err(e) = self.files[p.file].check_unchanged() {
+                    fill.error = Some(e);
+                    break;
+                }
+            }
+        }
+        let ok = fill.error.is_none();
+        let outcome = self.layers[li].map.complete(fill.order, ok);
+        if let (Completion::Failed, Some(e)) = (outcome, fill.error) {
+            let l = &mut self.layers[li];
+            if fill.prefetch {
+                l.counters.errors += 1;
+            }
+            let msg = format!(
+                "layer {}: filling expert {} failed: {e}",
+                l.id, fill.order.expert
+            );
+            if let Some(log) = &self.log {
+                in_callback(|| log(LogLevel::Error, &msg));
+            }
+            self.last_fill_error = Some(e);
+        }
+    }
+
+    fn poll_nowait(&mut self) -> Result<()> {
+        if self.io.pending() > 0 {
+            self.io.submit()?;
+            self.io.reap(false)?;
+        }
+        self.process_finished();
+        Ok(())
+    }
+
+    fn prefetch(&mut self, layer: i32, experts: &[i32]) -> Result<PrefetchOutcome> {
+        let li = self.index_of(layer)?;
+        self.poll_nowait()?;
+        let mut out = PrefetchOutcome::default();
+        let mut checked = false;
+        for &e in experts {
+            let n_experts = self.layers[li].map.n_experts();
+            if e < 0 || e as u32 >= n_experts {
+                self.layers[li].counters.errors += 1;
+                return Err(PoolError::invalid(format!(
+                    "prefetch expert id {e} out of range 0..{n_experts}"
+                )));
+            }
+            if self.layers[li].map.slot_of(e as u32).is_some() {
+                out.resident += 1;
+                continue;
+            }
+            if self.prefetch_inflight >= self.max_prefetch_inflight {
+                out.dropped += 1;
+                self.layers[li].counters.prefetch_dropped += 1;
+                continue;
+            }
+            if !checked {
+                if let Err(err) = self.check_layer_files(li) {
+                    self.layers[li].counters.errors += 1;
+                    return Err(err);
+                }
+                checked = true;
+            }
+            let l = &mut self.layers[li];
+            match l.map.plan_prefetch(e as u32)? {
+                PrefetchPlan::AlreadyResident => out.resident += 1,
+                PrefetchPlan::NoSlot => {
+                    out.dropped += 1;
+                    l.counters.prefetch_dropped += 1;
+                }
+                PrefetchPlan::Fill(order, ev) => {
+                    let eb = l.expert_bytes;
+                    if let Some(ev) = ev {
+                        l.counters.evictions += 1;
+                        if ev.unused_prefetch {
+                            l.counters.prefetch_wasted += 1;
+                            l.counters.prefetch_wasted_bytes += eb;
+                        }
+                    }
+                    l.counters.prefetch_issued += 1;
+                    l.counters.prefetch_issued_bytes += eb;
+                    out.started += 1;
+                    self.start_fill(li, order, true);
+                }
+            }
+        }
+        self.io.submit()?;
+        // pread completes at once: copy now rather than at the next call.
+        if self.io.active() == ActiveIo::Pread {
+            self.process_finished();
+        }
+        Ok(out)
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        let mut total = Counters::default();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                total.add(&l.counters);
+                LayerStats {
+                    layer: l.id,
+                    n_experts: l.map.n_experts(),
+                    n_slots: l.map.n_slots(),
+                    resident: l.map.ready_count() as u32,
+                    counters: l.counters,
+                }
+            })
+            .collect();
+        StatsSnapshot {
+            format: metrics::STATS_FORMAT.into(),
+            version: 1,
+            pid: std::process::id(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            io: match self.io.active() {
+                ActiveIo::Uring => "io_uring".into(),
+                ActiveIo::Pread => "pread".into(),
+            },
+            direct_files: self.files.iter().filter(|f| f.is_direct()).count() as u32,
+            files: self.files.len() as u32,
+            policy: self.policy.name().into(),
+            warnings: self.warnings.clone(),
+            total,
+            layers,
+        }
+    }
+}

@@ -1,0 +1,605 @@
+//! Routing traces: which experts each token selected in each MoE layer.
+//!
+//! # Trace file format (version 1)
+//!
+//! A trace has `layers` MoE layers (numbered 0.. in model order, dense layers left
+//! out), `experts` experts per layer and `used` experts per token; for every token and
+//! every layer it lists the `used` selected expert ids (each `< experts`, distinct
+//! within the token and layer). Two encodings hold the same content; readers detect
+//! which one by the first bytes.
+//!
+//! **Text** (for tests and hand-written traces):
+//! ```text
+//! expert-trace 1 layers=2 experts=8 used=2
+//! # comments and blank lines are ignored
+//! 0 3 | 5 1
+//! 0 4 | 5 2
+//! ```
+//! The header line is `expert-trace 1` followed by `layers=`, `experts=`, `used=`; then
+//! one line per token with `layers` groups of `used` ids, groups separated by `|`.
+//!
+//! **Binary** (compact, for long traces): all integers little-endian.
+//! ```text
+//! offset 0   8 bytes  magic "EXPTRACE"
+//! offset 8   u32      version = 1
+//! offset 12  u32      layers
+//! offset 16  u32      experts (<= 65536)
+//! offset 20  u32      used
+//! offset 24  u64      tokens
+//! offset 32  u16 ids  tokens * layers * used, token-major, then layer, then slot
+//! ```
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Magic bytes of the binary encoding.
+pub const BINARY_MAGIC: &[u8; 8] = b"EXPTRACE";
+/// First word of the text encoding.
+pub const TEXT_MAGIC: &str = "expert-trace";
+/// The format version this code reads and writes.
+pub const VERSION: u32 = 1;
+
+/// Errors reading or validating a trace.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Neither encoding's magic was found.
+    #[error("not an expert trace (expected \"{TEXT_MAGIC} 1 ...\" or binary magic EXPTRACE)")]
+    BadMagic,
+    /// A version this code does not read.
+    #[error("unsupported trace version {0} (this build reads version {VERSION})")]
+    Version(u32),
+    /// Malformed text.
+    #[error("line {line}: {msg}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The binary data ends early or has extra bytes.
+    #[error("binary trace: {0}")]
+    Binary(String),
+    /// Shape or ids out of range.
+    #[error("invalid trace: {0}")]
+    Invalid(String),
+}
+
+/// A routing trace held in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    /// MoE layers.
+    pub layers: u32,
+    /// Experts per layer.
+    pub experts: u32,
+    /// Experts selected per token and layer.
+    pub used: u32,
+    /// `tokens * layers * used` ids, token-major.
+    pub ids: Vec<u16>,
+}
+
+impl Trace {
+    /// An empty trace of the given shape (validated).
+    pub fn new(layers: u32, experts: u32, used: u32) -> Result<Self, TraceError> {
+        if layers == 0 || experts == 0 || used == 0 || experts > 65536 || used > experts {
+            return Err(TraceError::Invalid(format!(
+                "shape layers={layers} experts={experts} used={used}: need layers, used >= 1, \
+                 used <= experts <= 65536"
+            )));
+        }
+        Ok(Trace {
+            layers,
+            experts,
+            used,
+            ids: Vec::new(),
+        })
+    }
+
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        self.ids.len() / (self.layers as usize * self.used as usize)
+    }
+
+    /// The experts of `token` in `layer`.
+    pub fn get(&self, token: usize, layer: usize) -> &[u16] {
+        let k = self.used as usize;
+        let start = (token * self.layers as usize + layer) * k;
+        &self.ids[start..start + k]
+    }
+
+    /// Appends one token: `per_layer[l]` are its experts in layer `l`.
+    pub fn push_token(&mut self, per_layer: &[Vec<u16>]) -> Result<(), TraceError> {
+        if per_layer.len() != self.layers as usize {
+            return Err(TraceError::Invalid(format!(
+                "token has {} layers, trace has {}",
+                per_layer.len(),
+                self.layers
+            )));
+        }
+        for (l, ids) in per_layer.iter().enumerate() {
+            check_group(ids, self.experts, self.used).map_err(|m| {
+                TraceError::Invalid(format!("token {} layer {l}: {m}", self.tokens()))
+            })?;
+        }
+        for ids in per_layer {
+            self.ids.extend_from_slice(ids);
+        }
+        Ok(())
+    }
+
+    /// Parses either encoding.
+    pub fn parse(bytes: &[u8]) -> Result<Self, TraceError> {
+        if bytes.starts_with(BINARY_MAGIC) {
+            Self::parse_binary(bytes)
+        } else if bytes.starts_with(TEXT_MAGIC.as_bytes()) {
+            let text = std::str::from_utf8(bytes).map_err(|e| TraceError::Parse {
+                line: 0,
+                msg: format!("not UTF-8: {e}"),
+            })?;
+            Self::parse_text(text)
+        } else {
+            Err(TraceError::BadMagic)
+        }
+    }
+
+    /// Reads a trace file of either encoding.
+    pub fn read(path: &Path) -> Result<Self, TraceError> {
+        let bytes = std::fs::read(path).map_err(|source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&bytes)
+    }
+
+    /// Writes the trace atomically (temp file + rename), binary or text.
+    pub fn write(&self, path: &Path, text: bool) -> Result<(), TraceError> {
+        let data = if text {
+            self.to_text().into_bytes()
+        } else {
+            self.to_binary()
+        };
+        let io_err = |source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp.{}", std::process::id()));
+        std::fs::write(&tmp, &data).map_err(io_err)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(e)
+        })
+    }
+
+    /// The text encoding.
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "{TEXT_MAGIC} {VERSION} layers={} experts={} used={}\n",
+            self.layers, self.experts, self.used
+        );
+        for t in 0..self.tokens() {
+            for l in 0..self.layers as usize {
+                if l > 0 {
+                    s.push_str(" |");
+                }
+                for (j, id) in self.get(t, l).iter().enumerate() {
+                    if l > 0 || j > 0 {
+                        s.push(' ');
+                    }
+                    let _ = write!(s, "{id}");
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// The binary encoding.
+    pub fn to_binary(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + self.ids.len() * 2);
+        v.extend_from_slice(BINARY_MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&self.layers.to_le_bytes());
+        v.extend_from_slice(&self.experts.to_le_bytes());
+        v.extend_from_slice(&self.used.to_le_bytes());
+        v.extend_from_slice(&(self.tokens() as u64).to_le_bytes());
+        for id in &self.ids {
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    fn parse_binary(b: &[u8]) -> Result<Self, TraceError> {
+        if b.len() < 32 {
+            return Err(TraceError::Binary(format!(
+                "header needs 32 bytes, file has {}",
+                b.len()
+            )));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(TraceError::Version(version));
+        }
+        let mut t = Trace::new(u32_at(12), u32_at(16), u32_at(20))?;
+        let tokens = u64::from_le_bytes(b[24..32].try_into().expect("8 bytes"));
+        let n = (tokens as u128) * u128::from(t.layers) * u128::from(t.used);
+        let want = n * 2;
+        let have = (b.len() - 32) as u128;
+        if have != want {
+            return Err(TraceError::Binary(format!(
+                "{tokens} tokens need {want} bytes of ids, file has {have}"
+            )));
+        }
+        t.ids = b[32..]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let k = t.used as usize;
+        for (g, ids) in t.ids.chunks_exact(k).enumerate() {
+            check_group(ids, t.experts, t.used).map_err(|m| {
+                TraceError::Invalid(format!(
+                    "token {} layer {}: {m}",
+                    g / t.layers as usize,
+                    g % t.layers as usize
+                ))
+            })?;
+        }
+        Ok(t)
+    }
+
+    fn parse_text(text: &str) -> Result<Self, TraceError> {
+        let mut lines = text.lines().enumerate();
+        let (_, header) = lines.next().ok_or(TraceError::BadMagic)?;
+        let perr = |line: usize, msg: String| TraceError::Parse {
+            line: line + 1,
+            msg,
+        };
+        let mut words = header.split_whitespace();
+        if words.next() != Some(TEXT_MAGIC) {
+            return Err(TraceError::BadMagic);
+        }
+        let version: u32 = words
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| perr(0, "missing version after expert-trace".into()))?;
+        if version != VERSION {
+            return Err(TraceError::Version(version));
+        }
+        let (mut layers, mut experts, mut used) = (None, None, None);
+        for w in words {
+            let (k, v) = w
+                .split_once('=')
+                .ok_or_else(|| perr(0, format!("expected key=value, got {w:?}")))?;
+            let v: u32 = v
+                .parse()
+                .map_err(|_| perr(0, format!("{k}: not a number: {v:?}")))?;
+            match k {
+                "layers" => layers = Some(v),
+                "experts" => experts = Some(v),
+                "used" => used = Some(v),
+                _ => return Err(perr(0, format!("unknown header key {k:?}"))),
+            }
+        }
+        let (Some(layers), Some(experts), Some(used)) = (layers, experts, used) else {
+            return Err(perr(0, "header needs layers=, experts= and used=".into()));
+        };
+        let mut t = Trace::new(layers, experts, used)?;
+        for (i, line) in lines {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let groups: Vec<&str> = line.split('|').collect();
+            if groups.len() != layers as usize {
+                return Err(perr(
+                    i,
+                    format!("{} layer groups, header says {layers}", groups.len()),
+                ));
+            }
+            for (l, g) in groups.iter().enumerate() {
+                let ids: Vec<u16> = g
+                    .split_whitespace()
+                    .map(|w| {
+                        w.parse::<u16>()
+                            .map_err(|_| perr(i, format!("bad expert id {w:?}")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                check_group(&ids, experts, used).map_err(|m| perr(i, format!("layer {l}: {m}")))?;
+                t.ids.extend_from_slice(&ids);
+            }
+        }
+        Ok(t)
+    }
+}
+
+fn check_group(ids: &[u16], experts: u32, used: u32) -> Result<(), String> {
+    if ids.len() != used as usize {
+        return Err(format!("{} ids, expected {used}", ids.len()));
+    }
+    for (j, &id) in ids.iter().enumerate() {
+        if u32::from(id) >= experts {
+            return Err(format!("expert id {id} >= experts ({experts})"));
+        }
+        if ids[..j].contains(&id) {
+            return Err(format!("expert id {id} repeated"));
+        }
+    }
+    Ok(())
+}
+
+/// A small deterministic PRNG (SplitMix64) for the generator; no external dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.f64() * n as f64) as usize % n.max(1)
+    }
+}
+
+/// Parameters of a synthetic trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    /// MoE layers.
+    pub layers: u32,
+    /// Experts per layer.
+    pub experts: u32,
+    /// Experts per token.
+    pub used: u32,
+    /// Tokens.
+    pub tokens: u32,
+    /// Consecutive-token reuse: layer `l` gets `lo + (hi - lo) * l / (layers - 1)`.
+    pub reuse: (f64, f64),
+    /// Zipf exponent of expert popularity (0 = uniform).
+    pub zipf: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Generates a trace: each layer has its own random popularity order with Zipf(s)
+/// weights; at every token each expert of the previous token is kept with probability
+/// `reuse` (so the expected consecutive-token reuse is `reuse`), and the rest are drawn
+/// by popularity among experts not used by the previous token (when there are enough
+/// experts, else among all).
+pub fn generate(p: &GenParams) -> Result<Trace, TraceError> {
+    let mut t = Trace::new(p.layers, p.experts, p.used)?;
+    if !(0.0..=1.0).contains(&p.reuse.0) || !(0.0..=1.0).contains(&p.reuse.1) || p.zipf < 0.0 {
+        return Err(TraceError::Invalid(
+            "reuse must be in 0..=1 and zipf >= 0".into(),
+        ));
+    }
+    let (e, k) = (p.experts as usize, p.used as usize);
+    let mut rng = Rng::new(p.seed ^ 0x005E_ED0F_E79E);
+    // Per layer: popularity rank -> expert id, and the CDF over ranks.
+    let weights: Vec<f64> = (1..=e).map(|r| (r as f64).powf(-p.zipf)).collect();
+    let sum: f64 = weights.iter().sum();
+    let cdf: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / sum;
+            Some(*acc)
+        })
+        .collect();
+    let perms: Vec<Vec<u16>> = (0..p.layers)
+        .map(|_| {
+            let mut v: Vec<u16> = (0..e as u32).map(|x| x as u16).collect();
+            for i in (1..e).rev() {
+                v.swap(i, rng.below(i + 1));
+            }
+            v
+        })
+        .collect();
+    let reuse_of = |l: u32| {
+        if p.layers <= 1 {
+            p.reuse.0
+        } else {
+            p.reuse.0 + (p.reuse.1 - p.reuse.0) * f64::from(l) / f64::from(p.layers - 1)
+        }
+    };
+    let exclude_prev = e >= 2 * k;
+    let mut prev: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
+    let mut cur: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
+    for _ in 0..p.tokens {
+        for l in 0..p.layers as usize {
+            let r = reuse_of(l as u32);
+            let c = &mut cur[l];
+            c.clear();
+            for &x in &prev[l] {
+                if rng.f64() < r {
+                    c.push(x);
+                }
+            }
+            while c.len() < k {
+                let u = rng.f64();
+                let rank = cdf.partition_point(|&q| q < u).min(e - 1);
+                let x = perms[l][rank];
+                if c.contains(&x) || (exclude_prev && prev[l].contains(&x)) {
+                    continue;
+                }
+                c.push(x);
+            }
+        }
+        t.push_token(&cur)?;
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    Ok(t)
+}
+
+/// Statistics of one layer of a trace.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LayerTraceStats {
+    /// Layer index in the trace.
+    pub layer: u32,
+    /// Mean fraction of a token's experts that the previous token also used.
+    pub reuse: f64,
+    /// Share of all selections that go to the most popular 10% of experts.
+    pub top10_share: f64,
+    /// Zipf exponent fitted to the rank-frequency curve (least squares in log-log).
+    pub zipf_s: f64,
+    /// LRU hit rate with a quarter of the experts as slots (at least `used`).
+    pub lru_hit_rate_25: f64,
+}
+
+/// Per-layer statistics of a trace.
+pub fn stats(t: &Trace) -> Vec<LayerTraceStats> {
+    let (e, k) = (t.experts as usize, t.used as usize);
+    let slots = ((t.experts as usize).div_ceil(4)).max(k) as u32;
+    let lru = crate::sim::simulate_per_layer(t, slots, crate::policy::PolicyKind::Lru)
+        .expect("slots >= used");
+    (0..t.layers as usize)
+        .map(|l| {
+            let mut counts = vec![0u64; e];
+            let mut reused = 0u64;
+            for tok in 0..t.tokens() {
+                let ids = t.get(tok, l);
+                for &x in ids {
+                    counts[x as usize] += 1;
+                }
+                if tok > 0 {
+                    let prev = t.get(tok - 1, l);
+                    reused += ids.iter().filter(|x| prev.contains(x)).count() as u64;
+                }
+            }
+            let reuse = if t.tokens() > 1 {
+                reused as f64 / ((t.tokens() - 1) * k) as f64
+            } else {
+                0.0
+            };
+            counts.sort_unstable_by(|a, b| b.cmp(a));
+            let total: u64 = counts.iter().sum();
+            let top = (e.div_ceil(10)).max(1);
+            let top10_share = if total == 0 {
+                0.0
+            } else {
+                counts[..top].iter().sum::<u64>() as f64 / total as f64
+            };
+            let (hits, misses) = lru[l];
+            LayerTraceStats {
+                layer: l as u32,
+                reuse,
+                top10_share,
+                zipf_s: fit_zipf(&counts),
+                lru_hit_rate_25: if hits + misses == 0 {
+                    0.0
+                } else {
+                    hits as f64 / (hits + misses) as f64
+                },
+            }
+        })
+        .collect()
+}
+
+/// Fits `count(rank) ~ rank^-s` by least squares on log-log over nonzero counts.
+fn fit_zipf(sorted_desc: &[u64]) -> f64 {
+    let pts: Vec<(f64, f64)> = sorted_desc
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, &c)| (((i + 1) as f64).ln(), (c as f64).ln()))
+        .collect();
+    if pts.len() < 2 {
+        return 0.0;
+    }
+    let n = pts.len() as f64;
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx == 0.0 { 0.0 } else { -sxy / sxx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_binary_round_trip() {
+        let text = "expert-trace 1 layers=2 experts=8 used=2\n# c\n0 3 | 5 1\n\n0 4 | 5 2\n";
+        let t = Trace::parse(text.as_bytes()).unwrap();
+        assert_eq!(t.tokens(), 2);
+        assert_eq!(t.get(1, 1), &[5, 2]);
+        assert_eq!(Trace::parse(t.to_text().as_bytes()).unwrap(), t);
+        assert_eq!(Trace::parse(&t.to_binary()).unwrap(), t);
+    }
+
+    #[test]
+    fn bad_traces_are_rejected_with_a_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("nope", "not an expert trace"),
+            ("expert-trace 2 layers=1 experts=4 used=1\n", "version 2"),
+            ("expert-trace 1 layers=1 experts=4\n", "needs layers"),
+            (
+                "expert-trace 1 layers=2 experts=4 used=1\n1\n",
+                "1 layer groups",
+            ),
+            (
+                "expert-trace 1 layers=1 experts=4 used=2\n1 1\n",
+                "repeated",
+            ),
+            (
+                "expert-trace 1 layers=1 experts=4 used=1\n4\n",
+                ">= experts",
+            ),
+            (
+                "expert-trace 1 layers=1 experts=4 used=1\nx\n",
+                "bad expert id",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Trace::parse(text.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let t = Trace::parse(b"expert-trace 1 layers=1 experts=4 used=1\n1\n2\n").unwrap();
+        let mut b = t.to_binary();
+        b.pop();
+        assert!(Trace::parse(&b).unwrap_err().to_string().contains("need"));
+    }
+
+    #[test]
+    fn generator_hits_its_targets() {
+        let p = GenParams {
+            layers: 4,
+            experts: 128,
+            used: 8,
+            tokens: 4000,
+            reuse: (0.25, 0.45),
+            zipf: 0.65,
+            seed: 7,
+        };
+        let t = generate(&p).unwrap();
+        let s = stats(&t);
+        assert!((s[0].reuse - 0.25).abs() < 0.02, "{:?}", s[0]);
+        assert!((s[3].reuse - 0.45).abs() < 0.02, "{:?}", s[3]);
+        for l in &s {
+            assert!(l.zipf_s > 0.3 && l.zipf_s < 1.0, "{l:?}");
+            assert!(l.top10_share > 0.15, "{l:?}");
+        }
+        // Same seed, same trace.
+        assert_eq!(generate(&p).unwrap(), t);
+    }
+}

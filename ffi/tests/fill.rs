@@ -1,0 +1,317 @@
+//! Fill correctness: the bytes in a slot equal the file's bytes for that expert, for
+//! Q4_K-like (144-byte blocks) and Q8_0-like (34-byte blocks) tensors at 32-byte
+//! aligned offsets, through io_uring with O_DIRECT, io_uring buffered, and pread; and
+//! through every destination kind. Also the completion handling under injected
+//! EINTR, short reads and errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use expert_pool::dest::FnSink;
+use expert_pool::io::{ActiveIo, Fault, IoMode};
+use expert_pool::policy::PolicyKind;
+use expert_pool::{LayerSpec, Pool, PoolConfig, PoolError};
+
+const N_EXPERTS: u32 = 16;
+
+/// Bytes a callback sink received, by (projection, slot).
+type Captured = Arc<Mutex<HashMap<(usize, u32), Vec<u8>>>>;
+const N_SLOTS: u32 = 6;
+
+fn model() -> TestModel {
+    // gate and up: Q4_K-like (cols 1024, rows 24); down: Q8_0-like (cols 512, rows 40).
+    let pb = [
+        q4k_bytes(1024, 24),
+        q4k_bytes(1024, 24),
+        q8_0_bytes(512, 40),
+    ];
+    assert!(pb.iter().all(|b| b % 4096 != 0));
+    write_model("fill-model.bin", 2, N_EXPERTS, &pb, 42)
+}
+
+fn pool_with(mode: IoMode) -> Pool {
+    Pool::new(PoolConfig {
+        io_mode: mode,
+        policy: PolicyKind::Lru,
+        queue_depth: 8, // small, so batches exceed the ring and backpressure is exercised
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Requests every expert (in batches of 4 per token, 1-2 tokens) and checks the bytes.
+fn check_all_experts(pool: &Pool, m: &TestModel, layer: i32) {
+    let li = layer as usize;
+    let mut out = [0i32; 8];
+    for round in 0..3u32 {
+        for start in (0..N_EXPERTS).step_by(4) {
+            let ids: Vec<i32> = (0..4)
+                .map(|j| ((start + j + round) % N_EXPERTS) as i32)
+                .collect();
+            pool.request(layer, &ids, 4, 1, 4, &mut out[..4]).unwrap();
+            for (j, &e) in ids.iter().enumerate() {
+                let slot = out[j] as u32;
+                for p in 0..3 {
+                    let got = pool.slot_bytes(layer, p, slot).unwrap().unwrap();
+                    assert!(
+                        got == m.expert(li, p, e as u32),
+                        "layer {layer} proj {p} expert {e} slot {slot}: bytes differ"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn run_mode(mode: IoMode, expect_uring: bool, expect_direct: bool) {
+    let m = model();
+    let pool = pool_with(mode);
+    let f = pool.add_file(m.path()).unwrap();
+    let direct = pool.file_is_direct(f).unwrap();
+    if expect_direct && !direct {
+        println!(
+            "NOTE: O_DIRECT refused for {} ({:?}): tested the buffered path instead",
+            m.path().display(),
+            pool.warnings().unwrap()
+        );
+    }
+    if !expect_direct {
+        assert!(!direct, "{mode:?} must not use O_DIRECT");
+    }
+    let uring = pool.io_active().unwrap() == ActiveIo::Uring;
+    if expect_uring && !uring {
+        println!(
+            "NOTE: io_uring unavailable ({:?}): tested pread",
+            pool.warnings().unwrap()
+        );
+    }
+    if !expect_uring {
+        assert!(!uring);
+    }
+    println!("{mode:?}: io_uring={uring} O_DIRECT={direct}");
+    for layer in 0..2 {
+        pool.add_layer(
+            &LayerSpec {
+                layer,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(layer as usize, f),
+            },
+            None,
+        )
+        .unwrap();
+    }
+    check_all_experts(&pool, &m, 0);
+    check_all_experts(&pool, &m, 1);
+    let c = pool.counters(None).unwrap();
+    let eb: u64 = m.tensors[0].iter().map(|t| t.bytes).sum();
+    assert_eq!(c.bytes_read, c.misses * eb);
+    assert!(c.misses >= u64::from(N_EXPERTS) * 2);
+}
+
+#[test]
+fn uring_direct() {
+    run_mode(IoMode::Auto, true, true);
+}
+
+#[test]
+fn uring_buffered() {
+    run_mode(IoMode::UringBuffered, true, false);
+}
+
+#[test]
+fn pread_buffered() {
+    run_mode(IoMode::Pread, false, false);
+}
+
+#[test]
+fn pread_direct() {
+    run_mode(IoMode::PreadDirect, false, true);
+}
+
+#[test]
+fn callback_sink_gets_exact_bytes() {
+    let m = model();
+    let pool = pool_with(IoMode::Auto);
+    let f = pool.add_file(m.path()).unwrap();
+    let got: Captured = Default::default();
+    let g2 = Arc::clone(&got);
+    let sink = FnSink(move |layer: i32, proj: usize, slot: u32, data: &[u8]| {
+        assert_eq!(layer, 1);
+        g2.lock().unwrap().insert((proj, slot), data.to_vec());
+    });
+    pool.add_layer(
+        &LayerSpec {
+            layer: 1,
+            n_experts: N_EXPERTS,
+            n_slots: N_SLOTS,
+            projs: m.specs(1, f),
+        },
+        Some(Box::new(sink)),
+    )
+    .unwrap();
+    let ids = [3, 9, 15, 0];
+    let mut out = [0i32; 4];
+    pool.request(1, &ids, 4, 1, 4, &mut out).unwrap();
+    let got = got.lock().unwrap();
+    for (j, &e) in ids.iter().enumerate() {
+        for p in 0..3 {
+            assert_eq!(got[&(p, out[j] as u32)], m.expert(1, p, e as u32));
+        }
+    }
+    assert!(
+        pool.slot_base(1, 0).is_err(),
+        "callback layers have no slot memory"
+    );
+}
+
+/// EINTR and short reads are retried transparently, in both engines.
+#[test]
+fn eintr_and_short_reads_are_retried() {
+    for mode in [IoMode::Auto, IoMode::UringBuffered, IoMode::Pread] {
+        let m = model();
+        let pool = pool_with(mode);
+        let f = pool.add_file(m.path()).unwrap();
+        pool.add_layer(
+            &LayerSpec {
+                layer: 0,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(0, f),
+            },
+            None,
+        )
+        .unwrap();
+        pool.inject_faults(&[
+            Fault::Errno(libc::EINTR),
+            Fault::Short(100),
+            Fault::Errno(libc::EAGAIN),
+            Fault::Short(4096),
+            Fault::Short(1),
+        ])
+        .unwrap();
+        check_all_experts(&pool, &m, 0);
+    }
+}
+
+/// A read error fails the request with EP_ERR_IO-class errors, serves nothing, and the
+/// pool keeps working afterwards.
+#[test]
+fn read_errors_are_reported_and_not_served() {
+    for mode in [IoMode::Auto, IoMode::Pread] {
+        let m = model();
+        let pool = pool_with(mode);
+        let f = pool.add_file(m.path()).unwrap();
+        pool.add_layer(
+            &LayerSpec {
+                layer: 0,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(0, f),
+            },
+            None,
+        )
+        .unwrap();
+        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+        let mut out = [-7i32; 2];
+        let err = pool.request(0, &[5, 6], 2, 1, 2, &mut out).unwrap_err();
+        assert!(matches!(err, PoolError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+        assert_eq!(out, [-7, -7], "nothing written on error");
+        // The failed expert is not resident; the other may be.
+        let c = pool.counters(Some(0)).unwrap();
+        assert_eq!((c.errors, c.requests), (1, 0));
+        // Without faults the same request now succeeds with the right bytes.
+        pool.request(0, &[5, 6], 2, 1, 2, &mut out).unwrap();
+        for (j, e) in [5u32, 6].into_iter().enumerate() {
+            for p in 0..3 {
+                assert!(
+                    pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap() == m.expert(0, p, e)
+                );
+            }
+        }
+    }
+}
+
+/// Experts larger than the io_uring chunk size are read in several chunks in flight at
+/// once; bytes must still match, under EINTR, short reads and a failing chunk.
+#[test]
+fn large_experts_span_several_chunks() {
+    let big = q4k_bytes(4096, 544); // 1.2 MiB: several chunks
+    assert!(big > 2 * expert_pool::io::CHUNK as u64);
+    let m = write_model("fill-big.bin", 1, 5, &[big, q8_0_bytes(4096, 300)], 11);
+    for mode in [IoMode::Auto, IoMode::UringBuffered, IoMode::Pread] {
+        let pool = pool_with(mode);
+        let f = pool.add_file(m.path()).unwrap();
+        let sink_owned = mode != IoMode::UringBuffered;
+        let got: Captured = Default::default();
+        let g2 = Arc::clone(&got);
+        let sink = FnSink(move |_l: i32, proj: usize, slot: u32, data: &[u8]| {
+            g2.lock().unwrap().insert((proj, slot), data.to_vec());
+        });
+        pool.add_layer(
+            &LayerSpec {
+                layer: 0,
+                n_experts: 5,
+                n_slots: 2,
+                projs: m.specs(0, f),
+            },
+            if sink_owned {
+                None
+            } else {
+                Some(Box::new(sink))
+            },
+        )
+        .unwrap();
+        let check = |ids: &[i32], out: &[i32]| {
+            for (j, &e) in ids.iter().enumerate() {
+                for p in 0..2 {
+                    let bytes = if sink_owned {
+                        pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap()
+                    } else {
+                        got.lock().unwrap()[&(p, out[j] as u32)].clone()
+                    };
+                    assert!(
+                        bytes == m.expert(0, p, e as u32),
+                        "{mode:?} expert {e} proj {p}"
+                    );
+                }
+            }
+        };
+        let mut out = [0i32; 2];
+        pool.inject_faults(&[
+            Fault::Errno(libc::EINTR),
+            Fault::Short(5000),
+            Fault::Short(1),
+        ])
+        .unwrap();
+        pool.request(0, &[1, 3], 2, 1, 2, &mut out).unwrap();
+        check(&[1, 3], &out);
+        // One failing chunk fails the request; nothing of it is served.
+        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+        let err = pool.request(0, &[0, 4], 2, 1, 2, &mut out).unwrap_err();
+        assert!(matches!(err, PoolError::Io { .. }), "{mode:?}: {err}");
+        assert_eq!(
+            pool.reads_in_flight().unwrap(),
+            0,
+            "the failed request waited for its chunks"
+        );
+        pool.request(0, &[4, 0], 2, 1, 2, &mut out).unwrap();
+        check(&[4, 0], &out);
+        // Prefetch of a large expert, then a request that waits for it.
+        pool.prefetch(0, &[2]).unwrap();
+        pool.request(0, &[2, 0], 2, 1, 2, &mut out).unwrap();
+        check(&[2, 0], &out);
+        let c = pool.counters(Some(0)).unwrap();
+        // Every fill read both projections but one: the projection whose chunk failed.
+        let all = (c.misses + c.prefetch_issued) * (big + q8_0_bytes(4096, 300));
+        assert!(
+            [all - big, all - q8_0_bytes(4096, 300)].contains(&c.bytes_read),
+            "{mode:?}: bytes_read {} of {all}",
+            c.bytes_read
+        );
+    }
+}
