@@ -124,6 +124,15 @@ typedef void (*ep_log_fn)(void *user, int32_t level, const char *msg);
 typedef void (*ep_copy_fn)(void *user, int32_t layer, int32_t proj, int32_t slot,
                            const void *src, size_t len);
 
+/* Stage sink (ep_pool_stage): for one distinct expert of the ubatch, either
+ *   slot >= 0, proj == -1, src NULL: the expert is ready in that slot of the layer;
+ *       copy it (every projection) from the slot's memory, which keeps it;
+ *   slot == -1, proj >= 0: src holds the len file bytes of projection proj of the
+ *       expert (valid during the call only).
+ * Runs on the calling thread, with the pool locked. */
+typedef void (*ep_stage_fn)(void *user, int32_t layer, int32_t expert, int32_t slot,
+                            int32_t proj, const void *src, size_t len);
+
 /* ---- Configuration ----------------------------------------------------------------- */
 typedef struct ep_pool_config {
     uint32_t policy;                /* EP_POLICY_* */
@@ -134,6 +143,12 @@ typedef struct ep_pool_config {
     uint32_t stats_interval_ms;     /* minimum interval between writes; 0 = 1000 */
     ep_log_fn log_fn;               /* NULL = no logging */
     void *log_user;                 /* passed to log_fn */
+    const char *trace_path;         /* routing trace file (copied); NULL = none. The
+                                       binary trace format of ffi/TRACE_FORMAT.md,
+                                       written atomically at ep_pool_delete and on
+                                       ep_pool_publish_stats. A token enters it once
+                                       every registered layer served it in one ubatch
+                                       (in practice: generated tokens). */
 } ep_pool_config;
 
 /* One projection (gate, up, down, gate_up) of a layer's expert tensor. */
@@ -184,7 +199,10 @@ typedef struct ep_stats {
     uint64_t prefetch_wasted_bytes;
     uint64_t prefetch_dropped;      /* prefetch hints not started */
     uint64_t does_not_fit;          /* requests answered EP_DOES_NOT_FIT */
-    uint64_t errors;                /* failed requests and prefetch fills */
+    uint64_t errors;                /* failed requests, stage calls and prefetch fills */
+    uint64_t staged;                /* ep_pool_stage calls served */
+    uint64_t staged_from_slots;     /* ... distinct experts handed over from a slot */
+    uint64_t staged_reads;          /* ... distinct experts read from the file */
 } ep_stats;
 
 /* ---- Functions ---------------------------------------------------------------------- */
@@ -247,6 +265,18 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
                           uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
                           int32_t *out_slots);
 
+/* For a ubatch too large for the layer's slots, computed by the engine from a staging
+ * area that holds the layer's experts at their original ids: hands every distinct
+ * expert of ids (same layout as ep_pool_request) to stage_fn, from its slot when it is
+ * ready in one, else as its file bytes per projection (all such reads submitted as one
+ * batch; each projection handed over as soon as it is in). Does not change the slots
+ * or the policy's state. Blocks until every read it started has finished. On an error
+ * (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) the staging area must not be used: some
+ * experts may be missing or come from a file that changed. */
+ep_status ep_pool_stage(ep_pool *pool, int32_t layer, const int32_t *ids,
+                        uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
+                        ep_stage_fn stage_fn, void *user);
+
 /* Starts fills of the given experts of a layer without waiting (io_uring; with the
  * pread fallback the reads happen in this call). Experts already resident or in flight
  * are skipped. A prefetch never evicts an expert held by the layer's latest request
@@ -270,7 +300,8 @@ ep_status ep_pool_stats(ep_pool *pool, int32_t layer, ep_stats *out);
  * larger buffer. */
 ep_status ep_pool_stats_json(ep_pool *pool, char *buf, size_t cap, size_t *out_len);
 
-/* Writes the stats file now. EP_ERR_STATE if the pool has no stats_path. */
+/* Writes the stats file (EP_ERR_STATE if the pool has no stats_path) and the routing
+ * trace (if configured) now. */
 ep_status ep_pool_publish_stats(ep_pool *pool);
 
 #ifdef __cplusplus

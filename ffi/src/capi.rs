@@ -65,6 +65,19 @@ pub type ep_copy_fn = Option<
     ),
 >;
 
+/// `ep_stage_fn` in C.
+pub type ep_stage_fn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        layer: i32,
+        expert: i32,
+        slot: i32,
+        proj: i32,
+        src: *const c_void,
+        len: usize,
+    ),
+>;
+
 /// `ep_pool_config` in C.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +98,8 @@ pub struct ep_pool_config {
     pub log_fn: ep_log_fn,
     /// Passed to `log_fn`.
     pub log_user: *mut c_void,
+    /// Routing trace file; NULL = none.
+    pub trace_path: *const c_char,
 }
 
 /// `ep_proj_desc` in C.
@@ -236,6 +251,7 @@ pub unsafe extern "C" fn ep_pool_config_init(cfg: *mut ep_pool_config) {
         stats_interval_ms: 0,
         log_fn: None,
         log_user: std::ptr::null_mut(),
+        trace_path: std::ptr::null(),
     };
     // SAFETY: cfg is non-null and valid for writes by the caller's contract.
     unsafe { cfg.write(d) };
@@ -290,6 +306,14 @@ pub unsafe extern "C" fn ep_pool_new(
             }
             if let Some(f) = c.log_fn {
                 config.log = Some(log_closure(f, c.log_user as usize));
+            }
+            if !c.trace_path.is_null() {
+                // SAFETY: a non-null trace_path is NUL-terminated by the contract.
+                let p = unsafe { CStr::from_ptr(c.trace_path) };
+                if p.is_empty() {
+                    return Err(PoolError::invalid("trace_path is empty"));
+                }
+                config.trace_path = Some(PathBuf::from(std::ffi::OsStr::from_bytes(p.to_bytes())));
             }
         }
         let pool = Pool::new(config)?;
@@ -504,6 +528,71 @@ pub unsafe extern "C" fn ep_pool_slot_memory(
     })
 }
 
+/// Checks a strided ids matrix (`n_tokens` rows of `n_used` I32, rows
+/// `ids_row_stride` bytes apart): returns the entry count, the elements it spans and the
+/// row stride in elements.
+fn ids_shape(n_used: usize, n_tokens: usize, ids_row_stride: usize) -> Result<(usize, usize, usize)> {
+    let n = n_used
+        .checked_mul(n_tokens)
+        .ok_or_else(|| PoolError::invalid("n_used * n_tokens overflows"))?;
+    if n == 0 {
+        return Ok((0, 0, n_used));
+    }
+    if ids_row_stride % 4 != 0 || ids_row_stride / 4 < n_used {
+        return Err(PoolError::invalid(format!(
+            "ids_row_stride {ids_row_stride} must be a multiple of 4 and >= 4 * n_used"
+        )));
+    }
+    let stride = ids_row_stride / 4;
+    let len = (n_tokens - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(n_used))
+        .ok_or_else(|| PoolError::invalid("ids shape overflows"))?;
+    Ok((n, len, stride))
+}
+
+/// See `ep_pool_stage` in the header.
+///
+/// # Safety
+/// `pool` as for `ep_pool_add_file`; `ids` valid for `n_tokens` rows of `n_used` ids at
+/// `ids_row_stride` bytes; `stage_fn` callable as the header describes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ep_pool_stage(
+    pool: *mut ep_pool,
+    layer: i32,
+    ids: *const i32,
+    n_used: u32,
+    n_tokens: u32,
+    ids_row_stride: usize,
+    stage_fn: ep_stage_fn,
+    user: *mut c_void,
+) -> ep_status {
+    guard(|| {
+        // SAFETY: per the function's contract.
+        let pool = unsafe { pool_ref(pool) }?;
+        let f = stage_fn.ok_or_else(|| null("stage_fn"))?;
+        let (n_used, n_tokens) = (n_used as usize, n_tokens as usize);
+        let (_, ids_len, stride) = ids_shape(n_used, n_tokens, ids_row_stride)?;
+        // SAFETY: ids is valid for the strided shape, which spans ids_len elements.
+        let ids = unsafe { slice_in(ids, ids_len, "ids") }?;
+        let mut sink = |item: crate::pool::Staged<'_>| {
+            let (expert, slot, proj, src, len) = match item {
+                crate::pool::Staged::FromSlot { expert, slot } => {
+                    (expert as i32, slot as i32, -1, std::ptr::null(), 0)
+                }
+                crate::pool::Staged::FromFile { expert, proj, data } => {
+                    (expert as i32, -1, proj as i32, data.as_ptr().cast(), data.len())
+                }
+            };
+            // SAFETY: the header requires stage_fn to accept these arguments on the
+            // calling thread; src is valid for len bytes during the call.
+            unsafe { f(user, layer, expert, slot, proj, src, len) }
+        };
+        pool.stage(layer, ids, n_used, n_tokens, stride, &mut sink)?;
+        Ok(Status::Ok)
+    })
+}
+
 /// See `ep_pool_request` in the header.
 ///
 /// # Safety
@@ -523,24 +612,7 @@ pub unsafe extern "C" fn ep_pool_request(
         // SAFETY: per the function's contract.
         let pool = unsafe { pool_ref(pool) }?;
         let (n_used, n_tokens) = (n_used as usize, n_tokens as usize);
-        let n = n_used
-            .checked_mul(n_tokens)
-            .ok_or_else(|| PoolError::invalid("n_used * n_tokens overflows"))?;
-        let (ids_len, stride) = if n == 0 {
-            (0, n_used)
-        } else {
-            if ids_row_stride % 4 != 0 || ids_row_stride / 4 < n_used {
-                return Err(PoolError::invalid(format!(
-                    "ids_row_stride {ids_row_stride} must be a multiple of 4 and >= 4 * n_used"
-                )));
-            }
-            let stride = ids_row_stride / 4;
-            let len = (n_tokens - 1)
-                .checked_mul(stride)
-                .and_then(|x| x.checked_add(n_used))
-                .ok_or_else(|| PoolError::invalid("ids shape overflows"))?;
-            (len, stride)
-        };
+        let (n, ids_len, stride) = ids_shape(n_used, n_tokens, ids_row_stride)?;
         // SAFETY: ids is valid for the strided shape, which spans ids_len elements.
         let ids = unsafe { slice_in(ids, ids_len, "ids") }?;
         if n > 0 && out_slots.is_null() {

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 /// Cumulative counters of one layer, or of the whole pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 #[repr(C)]
 pub struct Counters {
     /// Requests served (every needed expert made resident and slots returned).
@@ -65,6 +66,14 @@ pub struct Counters {
     pub does_not_fit: u64,
     /// Requests or prefetches that failed with an error (I/O, changed file, bad ids).
     pub errors: u64,
+    /// Stage calls served (ubatches too large for the slots, computed from a staging
+    /// area the engine owns; the slots are not changed).
+    pub staged: u64,
+    /// Distinct experts of stage calls copied from a slot that held them.
+    pub staged_from_slots: u64,
+    /// Distinct experts of stage calls read from the file (their bytes count in
+    /// `bytes_read`).
+    pub staged_reads: u64,
 }
 
 impl Counters {
@@ -86,6 +95,9 @@ impl Counters {
         self.prefetch_dropped += o.prefetch_dropped;
         self.does_not_fit += o.does_not_fit;
         self.errors += o.errors;
+        self.staged += o.staged;
+        self.staged_from_slots += o.staged_from_slots;
+        self.staged_reads += o.staged_reads;
     }
 
     /// Hit rate over distinct requested experts (in-flight hits count as hits), or 0.

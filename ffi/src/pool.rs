@@ -62,6 +62,9 @@ pub struct PoolConfig {
     pub stats_interval_ms: u32,
     /// Log sink for warnings (fallbacks) and errors.
     pub log: Option<LogFn>,
+    /// Routing trace written here (binary trace format, `ffi/TRACE_FORMAT.md`) when the
+    /// pool is dropped and on [`Pool::publish_stats`]; `None` for none.
+    pub trace_path: Option<PathBuf>,
 }
 
 impl Default for PoolConfig {
@@ -74,6 +77,7 @@ impl Default for PoolConfig {
             stats_path: None,
             stats_interval_ms: 0,
             log: None,
+            trace_path: None,
         }
     }
 }
@@ -114,6 +118,31 @@ pub struct PrefetchOutcome {
     /// Hints dropped (no eligible slot, or the in-flight limit).
     pub dropped: u32,
 }
+
+/// What [`Pool::stage`] hands the engine for one distinct expert of a ubatch.
+#[derive(Debug)]
+pub enum Staged<'a> {
+    /// The expert is ready in `slot`: the engine copies it from the slot (all
+    /// projections at once; the slot keeps its expert).
+    FromSlot {
+        /// The expert.
+        expert: u32,
+        /// The slot holding it.
+        slot: u32,
+    },
+    /// The bytes of projection `proj` of `expert`, read from the file.
+    FromFile {
+        /// The expert.
+        expert: u32,
+        /// The projection.
+        proj: usize,
+        /// Its bytes, valid during the call.
+        data: &'a [u8],
+    },
+}
+
+/// Tag bit of reads started by [`Pool::stage`] (fill reads never set it).
+const STAGE_TAG: u64 = 1 << 63;
 
 thread_local! {
     /// Set while this thread runs a pool callback (sink or log); pool calls refuse.
@@ -175,6 +204,10 @@ struct Inner {
     events: Vec<Event>,
     /// The latest fill failure, handed to the request that waited for it.
     last_fill_error: Option<PoolError>,
+    /// Completions of stage reads, taken by [`Inner::stage`].
+    stage_done: Vec<(usize, u64, Result<()>)>,
+    /// Routing trace being recorded, if configured.
+    trace: Option<crate::trace::Recorder>,
 }
 
 /// The expert pool. See the module documentation.
@@ -214,6 +247,8 @@ impl Pool {
             plan: RequestPlan::default(),
             events: Vec::new(),
             last_fill_error: None,
+            stage_done: Vec::new(),
+            trace: cfg.trace_path.map(crate::trace::Recorder::new),
         };
         if let Some(why) = inner.io.uring_refused.clone() {
             inner.warn(format!(
@@ -279,6 +314,24 @@ impl Pool {
         g.request(layer, ids, n_used, n_tokens, row_stride, out)
     }
 
+    /// Hands every distinct expert of `ids` (same layout as [`Pool::request`]) to
+    /// `sink`, for a ubatch computed from a staging area the engine owns: an expert
+    /// ready in a slot as [`Staged::FromSlot`], any other as its file bytes per
+    /// projection ([`Staged::FromFile`], all read as one batch). Slots and the policy's
+    /// state are not changed. On error, nothing more is handed over.
+    pub fn stage(
+        &self,
+        layer: i32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        sink: &mut dyn FnMut(Staged<'_>),
+    ) -> Result<()> {
+        let mut g = self.lock()?;
+        g.stage(layer, ids, n_used, n_tokens, row_stride, sink)
+    }
+
     /// Starts fills for predicted experts of `layer` without waiting for them.
     pub fn prefetch(&self, layer: i32, experts: &[i32]) -> Result<PrefetchOutcome> {
         let mut g = self.lock()?;
@@ -311,10 +364,14 @@ impl Pool {
         Ok(self.lock()?.snapshot())
     }
 
-    /// Writes the stats file now (error if the pool has no stats path).
+    /// Writes the stats file (error if the pool has no stats path) and the routing trace
+    /// (if one is recorded) now.
     pub fn publish_stats(&self) -> Result<()> {
         let (snap, path) = {
             let g = self.lock()?;
+            if let Some(t) = &g.trace {
+                t.write()?;
+            }
             let path = g
                 .stats_path
                 .clone()
@@ -408,6 +465,9 @@ impl Drop for Pool {
             let _ = p.handle.join();
         }
         if let Ok(g) = self.inner.lock() {
+            if let Some(t) = &g.trace {
+                let _ = t.write();
+            }
             if let Some(path) = g.stats_path.clone() {
                 let snap = g.snapshot();
                 drop(g);
@@ -569,6 +629,9 @@ impl Inner {
         }
         let mut plan = std::mem::take(&mut self.plan);
         let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
+        if res.is_ok() {
+            self.record(li, ids, n_used, n_tokens, row_stride);
+        }
         self.plan = plan;
         let l = &mut self.layers[li];
         match &res {
@@ -737,6 +800,10 @@ impl Inner {
         self.io.take_events(&mut events);
         for ev in events.drain(..) {
             match ev {
+                Event::Part { tag, .. } if tag & STAGE_TAG != 0 => {}
+                Event::Done { op, tag, result } if tag & STAGE_TAG != 0 => {
+                    self.stage_done.push((op, tag, result));
+                }
                 Event::Part { op, tag, range } => {
                     let (fid, proj) = ((tag >> 8) as usize, (tag & 0xff) as usize);
                     let fill = self.fills[fid].as_ref().expect("read of an unknown fill");
@@ -887,6 +954,160 @@ impl Inner {
             self.process_finished();
         }
         Ok(out)
+    }
+
+    fn stage(
+        &mut self,
+        layer: i32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        sink: &mut dyn FnMut(Staged<'_>),
+    ) -> Result<()> {
+        let li = self.index_of(layer)?;
+        let n_experts = self.layers[li].map.n_experts() as usize;
+        if n_used == 0 || row_stride < n_used {
+            return Err(PoolError::invalid(format!(
+                "bad ids layout: n_used {n_used}, row stride {row_stride}"
+            )));
+        }
+        if n_tokens > 0 && ids.len() < (n_tokens - 1) * row_stride + n_used {
+            return Err(PoolError::invalid("ids shorter than n_tokens rows"));
+        }
+        let mut wanted = vec![false; n_experts];
+        for t in 0..n_tokens {
+            for &e in &ids[t * row_stride..t * row_stride + n_used] {
+                if e < 0 || e as usize >= n_experts {
+                    self.layers[li].counters.errors += 1;
+                    return Err(PoolError::invalid(format!(
+                        "layer {layer}: expert id {e} out of range 0..{n_experts}"
+                    )));
+                }
+                wanted[e as usize] = true;
+            }
+        }
+        self.poll_nowait()?;
+        let t0 = Instant::now();
+        let mut to_read = Vec::new();
+        let mut from_slots = 0u64;
+        for (e, _) in wanted.iter().enumerate().filter(|(_, w)| **w) {
+            let map = &self.layers[li].map;
+            match map.slot_of(e as u32) {
+                Some(slot) if map.state(slot) == SlotState::Ready => {
+                    in_callback(|| sink(Staged::FromSlot { expert: e as u32, slot }));
+                    from_slots += 1;
+                }
+                _ => to_read.push(e as u32),
+            }
+        }
+        let res = self.stage_reads(li, &to_read, sink);
+        let c = &mut self.layers[li].counters;
+        c.stall_ns += t0.elapsed().as_nanos() as u64;
+        match &res {
+            Ok(()) => {
+                c.staged += 1;
+                c.staged_from_slots += from_slots;
+                c.staged_reads += to_read.len() as u64;
+                self.record(li, ids, n_used, n_tokens, row_stride);
+            }
+            Err(_) => c.errors += 1,
+        }
+        res
+    }
+
+    /// Reads every projection of `experts` of layer `li` as one batch and hands the
+    /// bytes to `sink`. Waits for every read it started, even after an error.
+    fn stage_reads(
+        &mut self,
+        li: usize,
+        experts: &[u32],
+        sink: &mut dyn FnMut(Staged<'_>),
+    ) -> Result<()> {
+        if experts.is_empty() {
+            return Ok(());
+        }
+        self.check_layer_files(li)?;
+        let mut error = None;
+        let mut outstanding = 0usize;
+        'start: for (i, &e) in experts.iter().enumerate() {
+            for p in 0..self.layers[li].projs.len() {
+                let proj = &self.layers[li].projs[p];
+                let off = proj.offset + u64::from(e) * proj.stride;
+                let tag = STAGE_TAG | ((i as u64) << 8) | p as u64;
+                match self.io.start_read(&self.files[proj.file], off, proj.bytes, tag) {
+                    Ok(_) => outstanding += 1,
+                    Err(err) => {
+                        error = Some(err);
+                        break 'start;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.io.submit() {
+            error.get_or_insert(e);
+        }
+        // Each projection is handed over as soon as it is in, so read buffers recycle
+        // and the engine's copies overlap the remaining reads.
+        while outstanding > 0 {
+            self.process_finished();
+            for (op, tag, result) in std::mem::take(&mut self.stage_done) {
+                outstanding -= 1;
+                match result {
+                    Ok(()) => {
+                        let data = self.io.data(op);
+                        self.layers[li].counters.bytes_read += data.len() as u64;
+                        if error.is_none() {
+                            let (i, p) = (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
+                            let item = Staged::FromFile {
+                                expert: experts[i],
+                                proj: p,
+                                data,
+                            };
+                            in_callback(|| sink(item));
+                        }
+                    }
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
+                self.io.release(op);
+            }
+            if outstanding == 0 {
+                break;
+            }
+            if self.io.pending() == 0 && !self.io.has_completions() {
+                error.get_or_insert(PoolError::Internal(
+                    "stage reads are outstanding but none is in flight".into(),
+                ));
+                break;
+            }
+            if let Err(e) = self.io.reap(true) {
+                error.get_or_insert(e);
+                break;
+            }
+        }
+        // Bytes read while the file changed were handed over: the call fails, and the
+        // engine must not use the staging area.
+        if error.is_none() {
+            if let Err(e) = self.check_layer_files(li) {
+                error = Some(e);
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a served ubatch of layer `li` to the routing trace, if one is recorded.
+    fn record(&mut self, li: usize, ids: &[i32], n_used: usize, n_tokens: usize, stride: usize) {
+        let Some(t) = self.trace.as_mut() else {
+            return;
+        };
+        let order: Vec<i32> = self.layers.iter().map(|l| l.id).collect();
+        let n_experts = self.layers.iter().map(|l| l.map.n_experts()).max().unwrap_or(0);
+        t.record(&order, self.layers[li].id, n_experts, ids, n_used, n_tokens, stride);
     }
 
     fn snapshot(&self) -> StatsSnapshot {

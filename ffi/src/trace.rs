@@ -603,3 +603,152 @@ mod tests {
         assert_eq!(generate(&p).unwrap(), t);
     }
 }
+
+/// Records the routing a pool serves into a [`Trace`], written to a file on demand
+/// (`--expert-pool-trace`). The pool calls [`Recorder::record`] for every served request
+/// or stage call; a token enters the trace once every registered layer has reported it
+/// within one ubatch (layers in registration order, the first one starting a ubatch).
+/// Ubatches whose layers saw different token counts are left out and counted in
+/// [`Recorder::dropped`]: llama.cpp's last layer computes only the output rows of a
+/// prompt, so in practice the trace holds the generated tokens and single-token steps.
+pub struct Recorder {
+    path: std::path::PathBuf,
+    trace: Option<Trace>,
+    /// Ids of the ubatch being assembled, per layer position.
+    pending: Vec<Option<Vec<u16>>>,
+    /// Tokens of that ubatch; `None` once its layers disagree.
+    pending_tokens: Option<usize>,
+    /// Ubatches left out.
+    pub dropped: u64,
+}
+
+impl Recorder {
+    /// A recorder that writes to `path`.
+    pub fn new(path: std::path::PathBuf) -> Recorder {
+        Recorder {
+            path,
+            trace: None,
+            pending: Vec::new(),
+            pending_tokens: None,
+            dropped: 0,
+        }
+    }
+
+    /// The trace so far (`None` before the first recorded ubatch).
+    pub fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
+    }
+
+    /// Records a ubatch of `layer`, one of `order` (the registered layers in model
+    /// order). `ids` holds `n_tokens` rows of `n_used` ids, `stride` apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &mut self,
+        order: &[i32],
+        layer: i32,
+        n_experts: u32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        stride: usize,
+    ) {
+        let Some(pos) = order.iter().position(|&l| l == layer) else {
+            return;
+        };
+        if self.trace.is_none() {
+            match Trace::new(order.len() as u32, n_experts, n_used as u32) {
+                Ok(t) => self.trace = Some(t),
+                Err(_) => {
+                    self.dropped += 1;
+                    return;
+                }
+            }
+        }
+        let trace = self.trace.as_mut().expect("set above");
+        if trace.used as usize != n_used || trace.layers as usize != order.len() {
+            self.dropped += 1;
+            return;
+        }
+        if pos == 0 || self.pending.len() != order.len() {
+            if self.pending.iter().any(Option::is_some) {
+                self.dropped += 1;
+            }
+            self.pending = vec![None; order.len()];
+            self.pending_tokens = Some(n_tokens);
+        }
+        if self.pending[pos].is_some() || self.pending_tokens != Some(n_tokens) {
+            self.pending_tokens = None;
+        }
+        let mut rows = Vec::with_capacity(n_tokens * n_used);
+        for t in 0..n_tokens {
+            let row = &ids[t * stride..t * stride + n_used];
+            rows.extend(row.iter().map(|&e| e as u16));
+        }
+        self.pending[pos] = Some(rows);
+        if pos + 1 < order.len() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let Some(n) = self.pending_tokens.take() else {
+            self.dropped += 1;
+            return;
+        };
+        let layers: Option<Vec<Vec<u16>>> = pending.into_iter().collect();
+        let Some(layers) = layers else {
+            self.dropped += 1;
+            return;
+        };
+        for t in 0..n {
+            let per_layer: Vec<Vec<u16>> = layers
+                .iter()
+                .map(|rows| rows[t * n_used..(t + 1) * n_used].to_vec())
+                .collect();
+            if trace.push_token(&per_layer).is_err() {
+                self.dropped += 1;
+                return;
+            }
+        }
+    }
+
+    /// Writes the trace recorded so far (atomically). Nothing to write is not an error.
+    pub fn write(&self) -> crate::error::Result<()> {
+        let Some(t) = &self.trace else {
+            return Ok(());
+        };
+        t.write(&self.path, false)
+            .map_err(|e| crate::error::PoolError::State(format!("writing the routing trace: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod recorder_tests {
+    use super::*;
+
+    #[test]
+    fn tokens_enter_once_every_layer_reported_and_uneven_ubatches_are_dropped() {
+        let dir = std::env::temp_dir().join(format!("ep-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.bin");
+        let mut r = Recorder::new(path.clone());
+        let order = [1, 3];
+        // A two-token ubatch, both layers.
+        r.record(&order, 1, 8, &[0, 1, 2, 3], 2, 2, 2);
+        assert_eq!(r.trace().unwrap().tokens(), 0);
+        r.record(&order, 3, 8, &[4, 5, 6, 7], 2, 2, 2);
+        assert_eq!(r.trace().unwrap().tokens(), 2);
+        assert_eq!(r.trace().unwrap().get(1, 1), &[6, 7]);
+        // A prompt whose last layer saw only the output row: dropped.
+        r.record(&order, 1, 8, &[0, 1, 2, 3], 2, 2, 2);
+        r.record(&order, 3, 8, &[5, 6], 2, 1, 2);
+        assert_eq!(r.trace().unwrap().tokens(), 2);
+        assert_eq!(r.dropped, 1);
+        // Strided rows (ggml views): row t at t * stride.
+        r.record(&order, 1, 8, &[1, 2, 9, 9], 2, 1, 4);
+        r.record(&order, 3, 8, &[3, 4, 9, 9], 2, 1, 4);
+        assert_eq!(r.trace().unwrap().get(2, 0), &[1, 2]);
+        r.write().unwrap();
+        let back = Trace::read(&path).unwrap();
+        assert_eq!(back.tokens(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

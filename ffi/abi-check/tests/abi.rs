@@ -54,6 +54,7 @@ fn every_function_matches_the_header() {
         ep_pool_add_layer(_, _);
         ep_pool_slot_memory(_, _, _, _, _);
         ep_pool_request(_, _, _, _, _, _, _);
+        ep_pool_stage(_, _, _, _, _, _, _, _);
         ep_pool_prefetch(_, _, _, _, _);
         ep_pool_poll(_);
         ep_pool_stats(_, _, _);
@@ -118,6 +119,7 @@ fn structs_match_the_header() {
         stats_interval_ms,
         log_fn,
         log_user,
+        trace_path,
     });
     check_struct!(ep_proj_desc {
         file,
@@ -153,11 +155,18 @@ fn structs_match_the_header() {
         prefetch_dropped,
         does_not_fit,
         errors,
+        staged,
+        staged_from_slots,
+        staged_reads,
     });
     // The callback typedefs are the very types the Rust side uses.
     same::<Option<_>>(
         None::<<c_full::ep_copy_fn as Unwrap>::F>,
         None::<<capi::ep_copy_fn as Unwrap>::F>,
+    );
+    same::<Option<_>>(
+        None::<<c_full::ep_stage_fn as Unwrap>::F>,
+        None::<<capi::ep_stage_fn as Unwrap>::F>,
     );
     same::<Option<_>>(
         None::<<c_full::ep_log_fn as Unwrap>::F>,

@@ -1,0 +1,159 @@
+//! Staging (`Pool::stage`, `ep_pool_stage`): every distinct expert of a large ubatch is
+//! handed over exactly once, from its slot when ready there and otherwise as the file's
+//! exact bytes, through every I/O mode; slots and policy state stay as they were; a
+//! changed file is an error. Also the routing trace the pool records.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::*;
+use expert_pool::io::IoMode;
+use expert_pool::policy::PolicyKind;
+use expert_pool::pool::Staged;
+use expert_pool::trace::Trace;
+use expert_pool::{LayerSpec, Pool, PoolConfig, PoolError};
+
+const N_EXPERTS: u32 = 32;
+const N_SLOTS: u32 = 8;
+
+fn model() -> TestModel {
+    let pb = [q4k_bytes(512, 16), q4k_bytes(512, 16), q8_0_bytes(256, 32)];
+    write_model("stage-model.bin", 2, N_EXPERTS, &pb, 7)
+}
+
+fn pool(m: &TestModel, mode: IoMode, trace: Option<std::path::PathBuf>) -> Pool {
+    let p = Pool::new(PoolConfig {
+        io_mode: mode,
+        policy: PolicyKind::Lru,
+        queue_depth: 8,
+        trace_path: trace,
+        ..Default::default()
+    })
+    .unwrap();
+    let f = p.add_file(m.path()).unwrap();
+    for layer in 0..2 {
+        p.add_layer(
+            &LayerSpec {
+                layer: layer as i32 * 2 + 1,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(layer, f),
+            },
+            None,
+        )
+        .unwrap();
+    }
+    p
+}
+
+/// What a stage call handed over: expert -> slot, and (expert, proj) -> bytes.
+#[derive(Default)]
+struct Got {
+    from_slot: BTreeMap<u32, u32>,
+    from_file: BTreeMap<(u32, usize), Vec<u8>>,
+}
+
+fn stage(p: &Pool, layer: i32, ids: &[i32], n_used: usize, n_tokens: usize) -> Result<Got, PoolError> {
+    let mut got = Got::default();
+    p.stage(layer, ids, n_used, n_tokens, n_used, &mut |item| match item {
+        Staged::FromSlot { expert, slot } => {
+            assert!(got.from_slot.insert(expert, slot).is_none(), "expert {expert} twice");
+        }
+        Staged::FromFile { expert, proj, data } => {
+            assert!(
+                got.from_file.insert((expert, proj), data.to_vec()).is_none(),
+                "expert {expert} proj {proj} twice"
+            );
+        }
+    })?;
+    Ok(got)
+}
+
+fn run(mode: IoMode) {
+    let m = model();
+    let p = pool(&m, mode, None);
+    // Make experts 0..4 resident in layer 1 (engine layer 1 = model layer 0).
+    let mut slots = [0i32; 4];
+    p.request(1, &[0, 1, 2, 3], 4, 1, 4, &mut slots).unwrap();
+    let before: Vec<_> = (0..N_SLOTS).map(|s| p.slot_state(1, s).unwrap()).collect();
+
+    // A 16-token ubatch of 4 experts each, touching 20 distinct experts with repeats.
+    let ids: Vec<i32> = (0..16).flat_map(|t| (0..4).map(move |j| ((t * 3 + j * 5) % 20) as i32)).collect();
+    let distinct: BTreeSet<u32> = ids.iter().map(|&e| e as u32).collect();
+    let got = stage(&p, 1, &ids, 4, 16).unwrap();
+
+    let resident: BTreeSet<u32> = (0..4).collect();
+    assert_eq!(got.from_slot.keys().copied().collect::<BTreeSet<_>>(), &distinct & &resident);
+    for (&e, &s) in &got.from_slot {
+        assert_eq!(slots[e as usize] as u32, s, "expert {e} handed over from the wrong slot");
+    }
+    let read: BTreeSet<u32> = got.from_file.keys().map(|(e, _)| *e).collect();
+    assert_eq!(read, &distinct - &resident);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}: bytes differ");
+    }
+    // Slots unchanged, counters add up.
+    let after: Vec<_> = (0..N_SLOTS).map(|s| p.slot_state(1, s).unwrap()).collect();
+    assert_eq!(before, after, "staging changed the slots");
+    let c = p.counters(Some(1)).unwrap();
+    assert_eq!(c.staged, 1);
+    assert_eq!(c.staged_from_slots, got.from_slot.len() as u64);
+    assert_eq!(c.staged_reads, read.len() as u64);
+    let proj_bytes: u64 = (0..3).map(|pj| m.expert(0, pj, 0).len() as u64).sum();
+    assert_eq!(c.bytes_read, proj_bytes * (4 + read.len() as u64));
+}
+
+#[test]
+fn stage_uring_direct() {
+    run(IoMode::Auto);
+}
+
+#[test]
+fn stage_uring_buffered() {
+    run(IoMode::UringBuffered);
+}
+
+#[test]
+fn stage_pread() {
+    run(IoMode::Pread);
+}
+
+#[test]
+fn stage_refuses_bad_ids_and_changed_files() {
+    let m = model();
+    let p = pool(&m, IoMode::Auto, None);
+    let err = stage(&p, 1, &[0, 40], 2, 1).err().expect("id 40 is out of range");
+    assert!(matches!(err, PoolError::InvalidArgument(_)), "{err}");
+    assert!(stage(&p, 2, &[0, 1], 2, 1).is_err(), "layer 2 is not registered");
+
+    // Rewrite the file with other bytes (same size): the stage call must fail.
+    let mut other = m.bytes.clone();
+    fill_random(&mut other, 99);
+    std::fs::write(m.path(), &other).unwrap();
+    let err = stage(&p, 1, &[5, 6], 2, 1).err().expect("the file changed");
+    assert!(matches!(err, PoolError::FileChanged { .. }), "{err}");
+}
+
+#[test]
+fn trace_records_requests_and_stages_token_major() {
+    let m = model();
+    let path = disk_dir().join(format!("stage-trace.{}", std::process::id()));
+    {
+        let p = pool(&m, IoMode::Pread, Some(path.clone()));
+        let mut out = [0i32; 8];
+        // Token 0 through requests, tokens 1-2 through staging.
+        p.request(1, &[3, 4], 2, 1, 2, &mut out[..2]).unwrap();
+        p.request(3, &[5, 6], 2, 1, 2, &mut out[..2]).unwrap();
+        stage(&p, 1, &[7, 8, 9, 10], 2, 2).unwrap();
+        stage(&p, 3, &[11, 12, 13, 14], 2, 2).unwrap();
+        p.publish_stats().err(); // no stats path: error, but the trace is written first
+    }
+    let t = Trace::read(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!((t.layers, t.experts, t.used), (2, N_EXPERTS, 2));
+    assert_eq!(t.tokens(), 3);
+    assert_eq!(t.get(0, 1), &[5, 6]);
+    assert_eq!(t.get(2, 0), &[9, 10]);
+    assert_eq!(t.get(2, 1), &[13, 14]);
+}
