@@ -71,11 +71,34 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Server> {
+        Self::start_in(binary, model, extra, env, None)
+    }
+
+    /// Like [`Server::start_with_env`], inside the memory cgroup `cap` when given.
+    pub fn start_in(
+        binary: &Path,
+        model: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        cap: Option<&MemCap>,
+    ) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("server.log");
         let out = fs::File::create(&log)?;
         let port = free_port();
-        let mut cmd = Command::new(binary);
+        let mut cmd = match cap {
+            // The shell joins the group, then becomes the server (same pid).
+            Some(cap) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$1\" && shift && exec \"$@\"")
+                    .arg("sh")
+                    .arg(cap.dir.join("cgroup.procs"))
+                    .arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("-m")
             .arg(model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -148,6 +171,19 @@ impl Server {
     /// Greedy completion of `prompt`: the generated token ids (exactly `n_predict`, with
     /// end-of-generation ignored) and the full answer.
     pub fn greedy(&self, prompt: &str, n_predict: usize) -> anyhow::Result<(Vec<i64>, Value)> {
+        let g = self.greedy_with_probs(prompt, n_predict, 4)?;
+        Ok((g.tokens, g.answer))
+    }
+
+    /// Greedy completion with the `n_probs` most likely tokens' log-probabilities at
+    /// every generated position, computed from the raw logits (before sampling). With
+    /// `n_probs` = the vocabulary size this is the whole log-softmax of the logits.
+    pub fn greedy_with_probs(
+        &self,
+        prompt: &str,
+        n_predict: usize,
+        n_probs: usize,
+    ) -> anyhow::Result<Greedy> {
         let answer = self.post(
             "/completion",
             &serde_json::json!({
@@ -158,7 +194,8 @@ impl Server {
                 "ignore_eos": true,
                 "cache_prompt": false,
                 "return_tokens": true,
-                "n_probs": 4,
+                "n_probs": n_probs,
+                "post_sampling_probs": false,
             }),
         )?;
         let tokens = answer["tokens"]
@@ -167,7 +204,109 @@ impl Server {
             .iter()
             .map(|t| t.as_i64().context("token id is not an integer"))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok((tokens, answer))
+        let mut logprobs = Vec::new();
+        for pos in answer["completion_probabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let mut row = Vec::new();
+            for p in pos["top_logprobs"].as_array().into_iter().flatten() {
+                row.push((
+                    p["id"].as_i64().context("top_logprobs id")?,
+                    p["logprob"].as_f64().context("top_logprobs logprob")?,
+                ));
+            }
+            logprobs.push(row);
+        }
+        Ok(Greedy {
+            tokens,
+            logprobs,
+            answer,
+        })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory of the server so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .context("no VmHWM in /proc/PID/status")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()?;
+        Ok(kb * 1024)
+    }
+}
+
+/// A greedy completion: generated tokens and, per position, (token, log-probability)
+/// pairs from the raw logits, most likely first.
+#[derive(Debug, Clone)]
+pub struct Greedy {
+    pub tokens: Vec<i64>,
+    pub logprobs: Vec<Vec<(i64, f64)>>,
+    pub answer: Value,
+}
+
+/// A cgroup-v1 memory group with a limit, removed on drop (its processes must be gone).
+pub struct MemCap {
+    pub dir: PathBuf,
+    pub limit: u64,
+}
+
+impl MemCap {
+    /// Creates a memory cgroup limited to `limit` bytes, or says why it cannot.
+    pub fn new(limit: u64) -> Result<MemCap, String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let root = Path::new("/sys/fs/cgroup/memory");
+        if !root.join("memory.limit_in_bytes").exists() {
+            return Err(format!(
+                "no cgroup-v1 memory controller at {}",
+                root.display()
+            ));
+        }
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!("expertd-test-{}-{n}", std::process::id()));
+        fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let cap = MemCap { dir, limit };
+        fs::write(cap.dir.join("memory.limit_in_bytes"), limit.to_string())
+            .map_err(|e| format!("setting the limit: {e}"))?;
+        // No swap: the limit is on memory alone (absent when swap accounting is off).
+        let _ = fs::write(cap.dir.join("memory.swappiness"), "0");
+        Ok(cap)
+    }
+
+    /// Times the group hit its limit (memory.failcnt) and whether the OOM killer acted.
+    pub fn pressure(&self) -> (u64, bool) {
+        let failcnt = fs::read_to_string(self.dir.join("memory.failcnt"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let oom = fs::read_to_string(self.dir.join("memory.oom_control"))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("oom_kill ") && !l.ends_with(" 0"))
+            })
+            .unwrap_or(false);
+        (failcnt, oom)
+    }
+}
+
+impl Drop for MemCap {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

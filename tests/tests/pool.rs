@@ -1,0 +1,239 @@
+//! The patched engine with the expert pool on: the same tokens and logits as stock
+//! llama.cpp at every N_SLOTS down to the experts a token uses; pool off is stock;
+//! repeated and parallel requests and context shifts keep working; under a memory cap
+//! below the model size the run finishes within the cap.
+
+use std::path::{Path, PathBuf};
+
+use expertd::engine::Flavor;
+use expertd::synth::{ExpertType, Preset, SynthConfig, write_model};
+use expertd_tests::{Greedy, MemCap, Server, engine_binary};
+
+/// About 150 prompt tokens with the synthetic vocabulary; the prompt is one ubatch, so it
+/// goes through the staging path whenever the slots are fewer than the experts.
+const PROMPT: &str = "An expert pool keeps the experts of every layer that the router \
+    picks most often in a few slots of fast memory, and reads the others from the model \
+    file when a token needs them. The engine asks the pool for the experts of each layer \
+    and gets slot numbers back; the matrix products then read the slots. A long prompt \
+    needs more experts than there are slots, so it is computed from a staging area.";
+
+fn model(dir: &Path, preset: Preset, experts: ExpertType, seed: u64) -> (PathBuf, SynthConfig) {
+    let mut config = SynthConfig::preset(preset);
+    config.seed = seed;
+    config.expert_type = experts;
+    let path = dir.join(format!("{}-{:?}-{seed}.gguf", preset.name(), experts));
+    write_model(&config, &path, 2).expect("writing the model");
+    (path, config)
+}
+
+fn run(flavor: Flavor, model: &Path, extra: &[&str], n_probs: usize) -> Greedy {
+    let server = Server::start(&engine_binary(flavor, "llama-server"), model, extra).unwrap();
+    let g = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
+    assert_eq!(g.tokens.len(), 64, "{}", g.answer);
+    let evaluated = g.answer["tokens_evaluated"].as_u64().unwrap();
+    assert!(evaluated >= 100, "the prompt is only {evaluated} tokens");
+    g
+}
+
+fn assert_same(stock: &Greedy, other: &Greedy, what: &str) {
+    assert_eq!(
+        stock.tokens, other.tokens,
+        "{what}: generated tokens differ from stock"
+    );
+    assert_eq!(stock.logprobs.len(), other.logprobs.len(), "{what}");
+    for (pos, (a, b)) in stock.logprobs.iter().zip(&other.logprobs).enumerate() {
+        assert_eq!(a.len(), b.len(), "{what}: position {pos}");
+        for ((ta, la), (tb, lb)) in a.iter().zip(b) {
+            assert!(
+                ta == tb && la.to_bits() == lb.to_bits(),
+                "{what}: position {pos}: stock has token {ta} at {la}, got token {tb} at {lb}"
+            );
+        }
+    }
+}
+
+/// Stock, patched with the pool off, and the pool at each slot count give bit-identical
+/// greedy output and full log-probability vectors (n_probs = the vocabulary).
+fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config) = model(dir.path(), preset, experts, 5);
+    let n_probs = config.vocab as usize;
+    assert!(slots.contains(&config.n_expert_used) && slots.contains(&config.n_expert));
+
+    let stock = run(Flavor::Stock, &path, &[], n_probs);
+    assert_eq!(stock.logprobs[0].len(), n_probs);
+    let off = run(Flavor::Patched, &path, &[], n_probs);
+    assert_same(&stock, &off, "pool off");
+    for &n in slots {
+        let stats = dir.path().join(format!("stats-{n}.json"));
+        let args = [
+            "--expert-pool-slots",
+            &n.to_string(),
+            "--expert-pool-stats",
+            stats.to_str().unwrap(),
+        ];
+        let server = Server::start(
+            &engine_binary(Flavor::Patched, "llama-server"),
+            &path,
+            &args,
+        )
+        .unwrap();
+        let pooled = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
+        drop(server); // the pool writes its stats once more when the model is freed
+        assert_same(
+            &stock,
+            &pooled,
+            &format!("{} {experts:?}, {n} slots", preset.name()),
+        );
+
+        // The pool really served the run: every decode step of every layer went
+        // through the slots, and the prompt through staging when slots < experts.
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        let total = &s["total"];
+        let layers = config.layers as u64;
+        assert!(total["requests"].as_u64().unwrap() >= 63 * layers, "{s}");
+        assert_eq!(total["errors"], 0, "{s}");
+        if n < config.n_expert {
+            assert!(
+                total["staged"].as_u64().unwrap() >= layers - 1,
+                "prompt not staged: {s}"
+            );
+            assert!(total["misses"].as_u64().unwrap() > 0, "{s}");
+        } else {
+            assert_eq!(total["staged"], 0, "{s}");
+        }
+    }
+}
+
+#[test]
+fn pool_is_bit_exact_on_tiny_q4_k() {
+    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32]);
+}
+
+#[test]
+fn pool_is_bit_exact_on_tiny_q8_0() {
+    // Q8_0 experts are not repacked on x86: slots are plain memory the pool writes itself.
+    check_exact(Preset::Tiny, ExpertType::Q8_0, &[4, 32]);
+}
+
+#[test]
+fn pool_is_bit_exact_on_mid_q4_k() {
+    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64]);
+}
+
+#[test]
+fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = model(dir.path(), Preset::Tiny, ExpertType::Q4K, 9);
+    let patched = engine_binary(Flavor::Patched, "llama-server");
+    let stock = engine_binary(Flavor::Stock, "llama-server");
+
+    // Two slots of the server, 4 experts per layer in the pool (the experts one token
+    // uses): a decode step with both sequences needs staging.
+    let stats = dir.path().join("stats.json");
+    let pool_args = [
+        "--expert-pool-slots",
+        "4",
+        "-np",
+        "2",
+        "-c",
+        "2048",
+        "--expert-pool-stats",
+        stats.to_str().unwrap(),
+    ];
+    let server = Server::start(&patched, &path, &pool_args).unwrap();
+    let reference = Server::start(&stock, &path, &["-np", "2", "-c", "2048"]).unwrap();
+    let want = reference
+        .greedy("Repeated requests give the same answer.", 24)
+        .unwrap()
+        .0;
+    for round in 0..3 {
+        let got = server
+            .greedy("Repeated requests give the same answer.", 24)
+            .unwrap()
+            .0;
+        assert_eq!(got, want, "round {round}");
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = [
+            "The first of two requests",
+            "A second one, running alongside",
+        ]
+        .into_iter()
+        .map(|p| s.spawn(|| server.greedy(p, 40).unwrap().0))
+        .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().len(), 40);
+        }
+    });
+    drop(server);
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(s["total"]["errors"], 0, "{s}");
+    assert!(s["total"]["requests"].as_u64().unwrap() > 0, "{s}");
+
+    // Context shift: a 128-token context overflows several times during 300 tokens.
+    let shift = ["-c", "128", "--context-shift", "--keep", "8"];
+    let mut pooled_shift: Vec<&str> = shift.to_vec();
+    pooled_shift.extend(["--expert-pool-slots", "8"]);
+    let a = Server::start(&stock, &path, &shift)
+        .unwrap()
+        .greedy("Context shift", 300)
+        .unwrap()
+        .0;
+    let b = Server::start(&patched, &path, &pooled_shift)
+        .unwrap()
+        .greedy("Context shift", 300)
+        .unwrap()
+        .0;
+    assert_eq!(a.len(), 300);
+    assert_eq!(a, b, "context shift: the pool changed the output");
+}
+
+#[test]
+fn pool_run_fits_under_a_memory_cap_below_the_model_size() {
+    // A 450 MiB model: 8 layers of 128 experts (8 used), expert FFN 512.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SynthConfig::preset(Preset::Mid);
+    config.n_expert = 128;
+    config.expert_ffn = 512;
+    config.seed = 3;
+    let path = dir.path().join("capped.gguf");
+    write_model(&config, &path, 2).unwrap();
+    let model_bytes = std::fs::metadata(&path).unwrap().len();
+    let limit: u64 = 200 << 20;
+    assert!(
+        model_bytes > 2 * limit,
+        "the model ({model_bytes} bytes) must exceed the cap"
+    );
+
+    let cap = match MemCap::new(limit) {
+        Ok(cap) => cap,
+        Err(why) => {
+            println!("SKIPPED pool_run_fits_under_a_memory_cap_below_the_model_size: {why}");
+            return;
+        }
+    };
+    // Page cache from writing the model would count against the group: start clean.
+    let _ = std::process::Command::new("sh")
+        .args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"])
+        .status();
+    let args = ["--expert-pool-slots", "16", "-c", "1024"];
+    let server = Server::start_in(
+        &engine_binary(Flavor::Patched, "llama-server"),
+        &path,
+        &args,
+        &[],
+        Some(&cap),
+    )
+    .expect("the pool run starts under the cap");
+    let g = server.greedy_with_probs(PROMPT, 32, 1).unwrap();
+    assert_eq!(g.tokens.len(), 32);
+    let peak = server.peak_rss().unwrap();
+    let (failcnt, oom) = cap.pressure();
+    drop(server);
+    println!(
+        "capped run: model {model_bytes} bytes, cap {limit}, peak RSS {peak}, limit hits {failcnt}"
+    );
+    assert!(!oom, "the OOM killer acted in the group");
+    assert!(peak < limit, "peak RSS {peak} exceeds the cap {limit}");
+}
