@@ -531,7 +531,11 @@ pub unsafe extern "C" fn ep_pool_slot_memory(
 /// Checks a strided ids matrix (`n_tokens` rows of `n_used` I32, rows
 /// `ids_row_stride` bytes apart): returns the entry count, the elements it spans and the
 /// row stride in elements.
-fn ids_shape(n_used: usize, n_tokens: usize, ids_row_stride: usize) -> Result<(usize, usize, usize)> {
+fn ids_shape(
+    n_used: usize,
+    n_tokens: usize,
+    ids_row_stride: usize,
+) -> Result<(usize, usize, usize)> {
     let n = n_used
         .checked_mul(n_tokens)
         .ok_or_else(|| PoolError::invalid("n_used * n_tokens overflows"))?;
@@ -580,9 +584,13 @@ pub unsafe extern "C" fn ep_pool_stage(
                 crate::pool::Staged::FromSlot { expert, slot } => {
                     (expert as i32, slot as i32, -1, std::ptr::null(), 0)
                 }
-                crate::pool::Staged::FromFile { expert, proj, data } => {
-                    (expert as i32, -1, proj as i32, data.as_ptr().cast(), data.len())
-                }
+                crate::pool::Staged::FromFile { expert, proj, data } => (
+                    expert as i32,
+                    -1,
+                    proj as i32,
+                    data.as_ptr().cast(),
+                    data.len(),
+                ),
             };
             // SAFETY: the header requires stage_fn to accept these arguments on the
             // calling thread; src is valid for len bytes during the call.

@@ -995,7 +995,12 @@ impl Inner {
             let map = &self.layers[li].map;
             match map.slot_of(e as u32) {
                 Some(slot) if map.state(slot) == SlotState::Ready => {
-                    in_callback(|| sink(Staged::FromSlot { expert: e as u32, slot }));
+                    in_callback(|| {
+                        sink(Staged::FromSlot {
+                            expert: e as u32,
+                            slot,
+                        })
+                    });
                     from_slots += 1;
                 }
                 _ => to_read.push(e as u32),
@@ -1035,7 +1040,10 @@ impl Inner {
                 let proj = &self.layers[li].projs[p];
                 let off = proj.offset + u64::from(e) * proj.stride;
                 let tag = STAGE_TAG | ((i as u64) << 8) | p as u64;
-                match self.io.start_read(&self.files[proj.file], off, proj.bytes, tag) {
+                match self
+                    .io
+                    .start_read(&self.files[proj.file], off, proj.bytes, tag)
+                {
                     Ok(_) => outstanding += 1,
                     Err(err) => {
                         error = Some(err);
@@ -1058,7 +1066,8 @@ impl Inner {
                         let data = self.io.data(op);
                         self.layers[li].counters.bytes_read += data.len() as u64;
                         if error.is_none() {
-                            let (i, p) = (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
+                            let (i, p) =
+                                (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
                             let item = Staged::FromFile {
                                 expert: experts[i],
                                 proj: p,
@@ -1106,8 +1115,21 @@ impl Inner {
             return;
         };
         let order: Vec<i32> = self.layers.iter().map(|l| l.id).collect();
-        let n_experts = self.layers.iter().map(|l| l.map.n_experts()).max().unwrap_or(0);
-        t.record(&order, self.layers[li].id, n_experts, ids, n_used, n_tokens, stride);
+        let n_experts = self
+            .layers
+            .iter()
+            .map(|l| l.map.n_experts())
+            .max()
+            .unwrap_or(0);
+        t.record(
+            &order,
+            self.layers[li].id,
+            n_experts,
+            ids,
+            n_used,
+            n_tokens,
+            stride,
+        );
     }
 
     fn snapshot(&self) -> StatsSnapshot {

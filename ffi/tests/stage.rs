@@ -54,19 +54,37 @@ struct Got {
     from_file: BTreeMap<(u32, usize), Vec<u8>>,
 }
 
-fn stage(p: &Pool, layer: i32, ids: &[i32], n_used: usize, n_tokens: usize) -> Result<Got, PoolError> {
+fn stage(
+    p: &Pool,
+    layer: i32,
+    ids: &[i32],
+    n_used: usize,
+    n_tokens: usize,
+) -> Result<Got, PoolError> {
     let mut got = Got::default();
-    p.stage(layer, ids, n_used, n_tokens, n_used, &mut |item| match item {
-        Staged::FromSlot { expert, slot } => {
-            assert!(got.from_slot.insert(expert, slot).is_none(), "expert {expert} twice");
-        }
-        Staged::FromFile { expert, proj, data } => {
-            assert!(
-                got.from_file.insert((expert, proj), data.to_vec()).is_none(),
-                "expert {expert} proj {proj} twice"
-            );
-        }
-    })?;
+    p.stage(
+        layer,
+        ids,
+        n_used,
+        n_tokens,
+        n_used,
+        &mut |item| match item {
+            Staged::FromSlot { expert, slot } => {
+                assert!(
+                    got.from_slot.insert(expert, slot).is_none(),
+                    "expert {expert} twice"
+                );
+            }
+            Staged::FromFile { expert, proj, data } => {
+                assert!(
+                    got.from_file
+                        .insert((expert, proj), data.to_vec())
+                        .is_none(),
+                    "expert {expert} proj {proj} twice"
+                );
+            }
+        },
+    )?;
     Ok(got)
 }
 
@@ -79,19 +97,30 @@ fn run(mode: IoMode) {
     let before: Vec<_> = (0..N_SLOTS).map(|s| p.slot_state(1, s).unwrap()).collect();
 
     // A 16-token ubatch of 4 experts each, touching 20 distinct experts with repeats.
-    let ids: Vec<i32> = (0..16).flat_map(|t| (0..4).map(move |j| ((t * 3 + j * 5) % 20) as i32)).collect();
+    let ids: Vec<i32> = (0..16)
+        .flat_map(|t| (0..4).map(move |j| ((t * 3 + j * 5) % 20) as i32))
+        .collect();
     let distinct: BTreeSet<u32> = ids.iter().map(|&e| e as u32).collect();
     let got = stage(&p, 1, &ids, 4, 16).unwrap();
 
     let resident: BTreeSet<u32> = (0..4).collect();
-    assert_eq!(got.from_slot.keys().copied().collect::<BTreeSet<_>>(), &distinct & &resident);
+    assert_eq!(
+        got.from_slot.keys().copied().collect::<BTreeSet<_>>(),
+        &distinct & &resident
+    );
     for (&e, &s) in &got.from_slot {
-        assert_eq!(slots[e as usize] as u32, s, "expert {e} handed over from the wrong slot");
+        assert_eq!(
+            slots[e as usize] as u32, s,
+            "expert {e} handed over from the wrong slot"
+        );
     }
     let read: BTreeSet<u32> = got.from_file.keys().map(|(e, _)| *e).collect();
     assert_eq!(read, &distinct - &resident);
     for ((e, proj), bytes) in &got.from_file {
-        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}: bytes differ");
+        assert!(
+            bytes == m.expert(0, *proj, *e),
+            "expert {e} proj {proj}: bytes differ"
+        );
     }
     // Slots unchanged, counters add up.
     let after: Vec<_> = (0..N_SLOTS).map(|s| p.slot_state(1, s).unwrap()).collect();
@@ -123,9 +152,14 @@ fn stage_pread() {
 fn stage_refuses_bad_ids_and_changed_files() {
     let m = model();
     let p = pool(&m, IoMode::Auto, None);
-    let err = stage(&p, 1, &[0, 40], 2, 1).err().expect("id 40 is out of range");
+    let err = stage(&p, 1, &[0, 40], 2, 1)
+        .err()
+        .expect("id 40 is out of range");
     assert!(matches!(err, PoolError::InvalidArgument(_)), "{err}");
-    assert!(stage(&p, 2, &[0, 1], 2, 1).is_err(), "layer 2 is not registered");
+    assert!(
+        stage(&p, 2, &[0, 1], 2, 1).is_err(),
+        "layer 2 is not registered"
+    );
 
     // Rewrite the file with other bytes (same size): the stage call must fail.
     let mut other = m.bytes.clone();
