@@ -204,15 +204,18 @@ fn gpu_12gb_30b_a3b_splits_experts_between_vram_and_ram() {
 }
 
 #[test]
-fn gpu_24gb_120b_pools_in_vram_with_ram_cache() {
+fn gpu_24gb_120b_pools_experts_in_ram_with_the_rest_on_the_gpu() {
+    // The engine's pool keeps its slots in RAM (VRAM slots are not built yet): attention
+    // and KV on the GPU, every MoE layer's experts served from RAM slots to the CPU.
     let p = check("gpu24_gpt_oss_120b", true);
     let pool = p.pool.unwrap();
-    assert_eq!(pool.slot_tier, expertd::plan::Tier::Vram);
-    assert!(pool.cache_mib > 0);
+    assert_eq!(pool.slot_tier, expertd::plan::Tier::Ram);
+    assert_eq!(pool.cache_mib, 0);
     assert_eq!(
         p.n_cpu_moe, 36,
         "expert tensors stay on the host for the pool"
     );
+    assert_eq!(p.gpu_layers, 37);
 }
 
 #[test]

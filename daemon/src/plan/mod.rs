@@ -741,16 +741,14 @@ fn place(
             };
         }
         let avail = b.ram.saturating_sub(fixed);
-        let fit_slots = (avail / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
-        let slots = fit_slots.max(min_slots);
-        ram.experts = u64::from(slots) * m.one_expert_all_layers;
-        let fits = fit_slots >= min_slots;
+        let (slots, pool_bytes, fits) = ram_slots(m, avail, min_slots);
+        ram.experts = pool_bytes;
         let (_, miss) = pool_reads(m, slots, 0);
         why.push(Reason {
             topic: "pool",
             choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
             why: format!(
-                "{}: the model ({}) does not fit the RAM budget ({}); after non-expert weights ({}), KV ({}) and buffers, {} hold {slots} experts per layer (one expert in every layer is {}); assumed hit rate {:.0}%, misses read from disk",
+                "{}: the model ({}) does not fit the RAM budget ({}); after non-expert weights ({}), KV ({}) and buffers, {} hold {slots} experts per layer (one expert in every layer is {}){}; assumed hit rate {:.0}%, misses read from disk",
                 if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
                 human_bytes(model_bytes),
                 human_bytes(b.ram),
@@ -758,6 +756,7 @@ fn place(
                 human_bytes(kv),
                 human_bytes(avail),
                 human_bytes(m.one_expert_all_layers),
+                staging_note(m, slots),
                 assumed_hit_rate(slots, m.n_exp) * 100.0
             ),
         });
@@ -892,47 +891,45 @@ fn place(
                 why,
             };
         }
-        // Pool: slots for every MoE layer in VRAM, a RAM cache behind them, disk last.
-        let fit_slots = (room / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
-        let slots = fit_slots.max(min_slots);
+        // Pool: the engine keeps its slots in RAM (slots in VRAM are not built yet), so
+        // every MoE layer's experts are computed on the CPU from the slots; attention,
+        // shared weights, KV and buffers stay on the GPU.
         vram.weights = m.non_expert;
-        vram.experts = u64::from(slots) * m.one_expert_all_layers;
+        vram.experts = 0;
         vram.kv = kv;
         vram.compute = compute;
-        let cache_room = b.ram.saturating_sub(ram.total());
-        let uncached = m.expert_total.saturating_sub(vram.experts);
-        let cache = cache_room.min(uncached) / MIB * MIB;
-        ram.experts = cache;
-        let cached_experts = cache / m.one_expert_all_layers.max(1);
-        let (pcie, disk) = pool_reads(m, slots, cached_experts);
-        let fits = fit_slots >= min_slots && ram.total() <= b.ram;
+        let avail = b.ram.saturating_sub(ram.total());
+        let (slots, pool_bytes, slots_fit) = ram_slots(m, avail, min_slots);
+        ram.experts = pool_bytes;
+        let (_, miss) = pool_reads(m, slots, 0);
+        let fits = slots_fit && ram.total() <= b.ram;
         why.push(Reason {
             topic: "pool",
-            choice: format!("on, {slots} of {} slots per layer in VRAM, {} RAM cache", m.n_exp, human_bytes(cache)),
+            choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
             why: format!(
-                "{}: the model ({}) does not fit VRAM ({}) and RAM ({}) together; after non-expert weights, KV and buffers {} of VRAM hold {slots} experts per layer (assumed hit rate {:.0}%); the RAM cache holds {cached_experts} more per layer (assumed {:.0}% served from slots or cache); the rest comes from disk",
+                "{}: the model ({}) does not fit VRAM ({}) and RAM ({}) together; the engine's pool keeps its slots in RAM (VRAM slots are not built yet): {} of RAM hold {slots} experts per layer{} (assumed hit rate {:.0}%), misses read from disk",
                 if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
                 human_bytes(model_bytes),
                 human_bytes(b.vram),
                 human_bytes(b.ram),
-                human_bytes(room),
-                assumed_hit_rate(slots, m.n_exp) * 100.0,
-                assumed_hit_rate((u64::from(slots) + cached_experts).min(u64::from(m.n_exp)) as u32, m.n_exp) * 100.0
+                human_bytes(avail),
+                staging_note(m, slots),
+                assumed_hit_rate(slots, m.n_exp) * 100.0
             ),
         });
         let moe_layers = m.layer_experts.keys().next_back().map_or(0, |l| l + 1);
         why.push(Reason {
             topic: "placement",
             choice: format!("-ngl {all_layers}, --n-cpu-moe {moe_layers}"),
-            why: "all layers on the GPU; the expert tensors stay mapped from the file on the host (the pool fills its VRAM slots from them)".into(),
+            why: "all layers on the GPU except the experts: they stay in the file on the host and the pool's RAM slots serve them to the CPU".into(),
         });
         return Placement {
             gpu_layers: all_layers,
             n_cpu_moe: moe_layers,
-            pool: Some((slots, Tier::Vram, cache)),
+            pool: Some((slots, Tier::Ram, 0)),
             vram,
             ram,
-            roof: (m.non_expert + m.expert_read, 0, pcie, disk),
+            roof: (m.non_expert, m.expert_read - miss, 0, miss),
             fits,
             why,
         };
@@ -998,18 +995,18 @@ fn place(
         };
     }
     let avail = b.ram.saturating_sub(fixed);
-    let fit_slots = (avail / m.one_expert_all_layers.max(1)).min(u64::from(m.n_exp)) as u32;
-    let slots = fit_slots.max(min_slots);
-    ram.experts = u64::from(slots) * m.one_expert_all_layers;
+    let (slots, pool_bytes, fits) = ram_slots(m, avail, min_slots);
+    ram.experts = pool_bytes;
     let (_, miss) = pool_reads(m, slots, 0);
     why.push(Reason {
         topic: "pool",
         choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
         why: format!(
-            "the experts ({}) do not fit the RAM budget ({}); {} hold {slots} experts per layer (assumed hit rate {:.0}%), misses from disk",
+            "the experts ({}) do not fit the RAM budget ({}); {} hold {slots} experts per layer{} (assumed hit rate {:.0}%), misses from disk",
             human_bytes(m.expert_total),
             human_bytes(b.ram),
             human_bytes(avail),
+            staging_note(m, slots),
             assumed_hit_rate(slots, m.n_exp) * 100.0
         ),
     });
@@ -1020,12 +1017,45 @@ fn place(
         vram,
         roof: (vram_read, ram.weights + m.expert_read, 0, miss),
         ram,
-        fits: fit_slots >= min_slots,
+        fits,
         why,
     }
 }
 
+/// ", plus a staging area of one layer's experts (N)" when the slots are fewer than the
+/// experts, else "".
+fn staging_note(m: &Model, slots: u32) -> String {
+    if slots < m.n_exp {
+        format!(
+            ", plus a staging area of one layer's experts ({}) for prompts",
+            human_bytes(m.staging())
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Slots per layer the pool gets from `avail` bytes of RAM: (slots, bytes the pool holds,
+/// whether at least `min_slots` fit). With fewer slots than experts the engine also keeps
+/// a staging area of one layer's experts (prompts too large for the slots are computed
+/// from it), which comes out of `avail` first.
+fn ram_slots(m: &Model, avail: u64, min_slots: u32) -> (u32, u64, bool) {
+    let one = m.one_expert_all_layers.max(1);
+    if avail / one >= u64::from(m.n_exp) {
+        return (m.n_exp, u64::from(m.n_exp) * one, true);
+    }
+    let staging = m.staging();
+    let fit_slots = (avail.saturating_sub(staging) / one).min(u64::from(m.n_exp)) as u32;
+    let slots = fit_slots.max(min_slots);
+    (slots, u64::from(slots) * one + staging, fit_slots >= min_slots)
+}
+
 impl Model {
+    /// The engine's staging area: the experts of the largest MoE layer.
+    fn staging(&self) -> u64 {
+        self.layer_experts.values().copied().max().unwrap_or(0)
+    }
+
     fn layer_experts_one(&self, layer: u32) -> u64 {
         self.layer_experts.get(&layer).copied().unwrap_or(0) / u64::from(self.n_exp.max(1))
     }
