@@ -1,34 +1,64 @@
 #!/usr/bin/env bash
 # The main job on one machine, no GPU needed: set up, build expertd and the patched engine,
-# generate the demo MoE model, serve it with the patched llama-server, print one completion.
+# generate the demo MoE model (the 2.6 GiB bench preset), then run the daemon in the
+# foreground with a RAM budget of 1 GiB, well below the model: the plan turns the expert
+# pool on. Shows `expertd plan`, `expertd status` once the engine serves, a completion, and
+# the status again with the pool's hit rate; then stops the daemon (SIGTERM), which stops
+# the engine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/setup.sh
 cargo build --release -p expertd
-expertd=./target/release/expertd
-server=$($expertd engine build)
+expertd=$PWD/target/release/expertd
+$expertd engine build >/dev/null
 
-model=target/demo/demo-mid.gguf
-if [ ! -f "$model" ]; then
-  mkdir -p target/demo
-  $expertd synth --preset mid --seed 1 -o "$model"
-fi
+demo=$PWD/target/demo
+mkdir -p "$demo"
+model=$demo/demo-bench.gguf
+[ -f "$model" ] || $expertd synth --preset bench --seed 1 -o "$model"
 
 port=${EXPERTD_DEMO_PORT:-18080}
-log=target/demo/llama-server.log
-echo "demo: serving $model with $server on 127.0.0.1:$port (log: $log)"
-"$server" -m "$model" --host 127.0.0.1 --port "$port" -t "$(nproc)" >"$log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+config=$demo/expertd.toml
+cat >"$config" <<EOF
+# The demo's config: the bench model with a 1 GiB RAM budget.
+model = "$model"
+state_dir = "$demo/state"
+socket = "$demo/status.sock"
+
+[memory]
+ram = "1GiB"
+
+[engine]
+port = $port
+EOF
+
+echo "== expertd plan --config $config"
+$expertd plan --config "$config"
+
+log=$demo/daemon.log
+echo "== expertd serve --config $config (log: $log)"
+$expertd serve --config "$config" >"$log" 2>&1 &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null' EXIT
 for _ in $(seq 1 600); do
-  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  kill -0 $pid 2>/dev/null || { cat "$log"; echo "demo: llama-server exited" >&2; exit 1; }
-  sleep 0.1
+  state=$($expertd status --json --config "$config" 2>/dev/null |
+          python3 -c 'import json,sys; print(json.load(sys.stdin)["engine"]["state"])' 2>/dev/null || true)
+  [ "$state" = serving ] && break
+  kill -0 $daemon 2>/dev/null || { cat "$log"; echo "demo: the daemon exited" >&2; exit 1; }
+  sleep 0.5
 done
-grep -m1 "expertd expert pool" "$log" || { echo "demo: the engine did not report the expert pool" >&2; exit 1; }
-echo "demo: completion of \"The expert pool\" (random weights, so the words are random too):"
+[ "$state" = serving ] || { tail -50 "$log"; echo "demo: the engine did not come up" >&2; exit 1; }
+
+echo "== expertd status"
+$expertd status --config "$config"
+
+echo "== a completion from the engine on 127.0.0.1:$port (random weights: random words)"
 curl -sf "http://127.0.0.1:$port/completion" \
-  -d '{"prompt": "The expert pool", "n_predict": 24, "temperature": 0}' \
-  | python3 -c 'import json,sys; a=json.load(sys.stdin); print(repr(a["content"])); t=a["timings"]; print(f"demo: {t[\"predicted_n\"]} tokens at {t[\"predicted_per_second\"]:.1f} tok/s")'
+  -d '{"prompt": "The expert pool keeps the hot experts", "n_predict": 64, "temperature": 0}' |
+  python3 -c 'import json,sys; a=json.load(sys.stdin); t=a["timings"]; print(repr(a["content"])); print(f"{t[\"predicted_n\"]} tokens at {t[\"predicted_per_second\"]:.1f} tok/s, prompt {t[\"prompt_n\"]} tokens at {t[\"prompt_per_second\"]:.1f} tok/s")'
+
+sleep 2.5 # the pool publishes its stats about once a second, the daemon reads them every 2 s
+echo "== expertd status (after the completion)"
+$expertd status --config "$config"

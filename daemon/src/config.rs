@@ -280,7 +280,8 @@ pub struct EngineConfig {
 pub struct PoolConfig {
     /// `pool.mode`: "auto" | "on" | "off"; default "auto".
     pub mode: PoolMode,
-    /// `pool.policy`: eviction policy name passed to the engine; default "lru".
+    /// `pool.policy`: eviction policy passed to the engine (one of [`POLICIES`]); default
+    /// [`DEFAULT_POLICY`].
     pub policy: String,
     /// `pool.prefetch`: prefetch the next layer's likely experts; default true.
     pub prefetch: bool,
@@ -298,6 +299,12 @@ pub struct PlanOverrides {
     /// `plan.parallel`: concurrent sequences the engine serves; default 1.
     pub parallel: u32,
 }
+
+/// The engine's eviction policies (`--expert-pool-policy`).
+pub const POLICIES: &[&str] = &["lru", "least-stale", "lfu-decay", "lfru", "erd"];
+
+/// The policy the pool's benchmarks found closest to Belady's optimum (bench/RESULTS.md).
+pub const DEFAULT_POLICY: &str = "lfu-decay";
 
 /// Restart policy after an engine crash.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -580,15 +587,11 @@ impl Config {
                 ));
             }
         };
-        let policy = p.policy.unwrap_or_else(|| "lru".into());
-        if policy.is_empty()
-            || !policy
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        {
+        let policy = p.policy.unwrap_or_else(|| DEFAULT_POLICY.into());
+        if !POLICIES.contains(&policy.as_str()) {
             return Err(invalid(
                 "pool.policy",
-                format!("expected a policy name like \"lru\" (a-z, 0-9, '-', '_'), got {policy:?}"),
+                format!("expected one of {}, got {policy:?}", POLICIES.join(", ")),
             ));
         }
         let pool = PoolConfig {

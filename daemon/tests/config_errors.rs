@@ -106,7 +106,7 @@ const BAD: &[(&str, &str, &str)] = &[
     (
         "model = \"m.gguf\"\n[pool]\npolicy = \"L R U\"",
         "pool.policy",
-        "policy name",
+        "expected one of lru, least-stale, lfu-decay, lfru, erd",
     ),
     (
         "model = \"m.gguf\"\n[plan]\nctx_size = 100",
@@ -197,7 +197,7 @@ fn a_model_is_all_a_config_needs() {
     assert_eq!(c.engine.binary, None);
     assert_eq!(c.engine.stop_timeout, Duration::from_secs(10));
     assert_eq!(c.pool.mode, PoolMode::Auto);
-    assert_eq!(c.pool.policy, "lru");
+    assert_eq!(c.pool.policy, "lfu-decay");
     assert!(c.pool.prefetch && c.watch);
     assert_eq!(c.plan.parallel, 1);
     assert_eq!(c.restart.crash_loop_restarts, 5);
@@ -275,7 +275,7 @@ start_timeout_secs = 60
 stop_timeout_secs = 3
 [pool]
 mode = "on"
-policy = "lfu"
+policy = "lru"
 prefetch = false
 [plan]
 ctx_size = 8192

@@ -203,6 +203,8 @@ typedef struct ep_stats {
     uint64_t staged;                /* ep_pool_stage calls served */
     uint64_t staged_from_slots;     /* ... distinct experts handed over from a slot */
     uint64_t staged_reads;          /* ... distinct experts read from the file */
+    uint64_t copy_ns;               /* time handing read bytes to the engine (slot copies
+                                       or repacks, staging copies) */
 } ep_stats;
 
 /* ---- Functions ---------------------------------------------------------------------- */

@@ -74,6 +74,9 @@ pub struct Counters {
     /// Distinct experts of stage calls read from the file (their bytes count in
     /// `bytes_read`).
     pub staged_reads: u64,
+    /// Nanoseconds spent handing read bytes to the engine (slot copies or repacks, and
+    /// staging copies); part of `stall_ns` when a request or stage call waited.
+    pub copy_ns: u64,
 }
 
 impl Counters {
@@ -98,6 +101,7 @@ impl Counters {
         self.staged += o.staged;
         self.staged_from_slots += o.staged_from_slots;
         self.staged_reads += o.staged_reads;
+        self.copy_ns += o.copy_ns;
     }
 
     /// Hit rate over distinct requested experts (in-flight hits count as hits), or 0.

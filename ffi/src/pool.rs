@@ -814,7 +814,9 @@ impl Inner {
                     if current && fill.error.is_none() && l.sink.partial() {
                         let data = &self.io.data(op)[range.clone()];
                         let (sink, id) = (&mut l.sink, l.id);
+                        let t0 = Instant::now();
                         in_callback(|| sink.write(id, proj, order.slot, range.start, data));
+                        l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
                     }
                 }
                 Event::Done { op, tag, result } => {
@@ -830,7 +832,9 @@ impl Inner {
                                 && l.map.state(order.slot) == SlotState::Filling;
                             if current && fill.error.is_none() && !l.sink.partial() {
                                 let (sink, id) = (&mut l.sink, l.id);
+                                let t0 = Instant::now();
                                 in_callback(|| sink.write(id, proj, order.slot, 0, data));
+                                l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
                             }
                         }
                         Err(e) => {
@@ -995,12 +999,14 @@ impl Inner {
             let map = &self.layers[li].map;
             match map.slot_of(e as u32) {
                 Some(slot) if map.state(slot) == SlotState::Ready => {
+                    let t1 = Instant::now();
                     in_callback(|| {
                         sink(Staged::FromSlot {
                             expert: e as u32,
                             slot,
                         })
                     });
+                    self.layers[li].counters.copy_ns += t1.elapsed().as_nanos() as u64;
                     from_slots += 1;
                 }
                 _ => to_read.push(e as u32),
@@ -1073,7 +1079,9 @@ impl Inner {
                                 proj: p,
                                 data,
                             };
+                            let t1 = Instant::now();
                             in_callback(|| sink(item));
+                            self.layers[li].counters.copy_ns += t1.elapsed().as_nanos() as u64;
                         }
                     }
                     Err(e) => {

@@ -162,9 +162,20 @@ impl Server {
 
     /// POSTs `body` as JSON to `path` and returns the JSON answer.
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let mut resp = ureq::post(&self.url(path))
-            .send_json(body)
-            .with_context(|| format!("POST {path}"))?;
+        let mut resp = match ureq::post(&self.url(path)).send_json(body) {
+            Ok(resp) => resp,
+            Err(e) => {
+                // The server may have died: say how, and what it printed last.
+                std::thread::sleep(Duration::from_millis(200));
+                let log = self.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "POST {path}: {e}; llama-server's last lines:\n{}",
+                    tail.join("\n")
+                );
+            }
+        };
         Ok(resp.body_mut().read_json()?)
     }
 
@@ -224,6 +235,26 @@ impl Server {
             logprobs,
             answer,
         })
+    }
+
+    /// Stops the server gracefully (SIGTERM, then SIGKILL after 20 s), so it frees the
+    /// model (the pool writes its stats one last time). Returns its exit status.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                self.child.kill()?;
+                bail!("llama-server did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's process id.

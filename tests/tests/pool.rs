@@ -79,7 +79,7 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
         )
         .unwrap();
         let pooled = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
-        drop(server); // the pool writes its stats once more when the model is freed
+        server.stop().unwrap(); // the pool writes its stats once more when the model is freed
         assert_same(
             &stock,
             &pooled,
@@ -166,7 +166,7 @@ fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
             assert_eq!(h.join().unwrap().len(), 40);
         }
     });
-    drop(server);
+    server.stop().unwrap();
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(s["total"]["errors"], 0, "{s}");
     assert!(s["total"]["requests"].as_u64().unwrap() > 0, "{s}");
@@ -200,9 +200,11 @@ fn pool_run_fits_under_a_memory_cap_below_the_model_size() {
     let path = dir.path().join("capped.gguf");
     write_model(&config, &path, 2).unwrap();
     let model_bytes = std::fs::metadata(&path).unwrap().len();
-    let limit: u64 = 200 << 20;
+    // Non-expert weights, 16 slots and the staging area of 8 layers, KV and buffers take
+    // about 220 MiB; the rest of the cap is for the binary and the page cache.
+    let limit: u64 = 320 << 20;
     assert!(
-        model_bytes > 2 * limit,
+        model_bytes > limit * 13 / 10,
         "the model ({model_bytes} bytes) must exceed the cap"
     );
 
@@ -230,7 +232,7 @@ fn pool_run_fits_under_a_memory_cap_below_the_model_size() {
     assert_eq!(g.tokens.len(), 32);
     let peak = server.peak_rss().unwrap();
     let (failcnt, oom) = cap.pressure();
-    drop(server);
+    server.stop().unwrap();
     println!(
         "capped run: model {model_bytes} bytes, cap {limit}, peak RSS {peak}, limit hits {failcnt}"
     );

@@ -1047,7 +1047,11 @@ fn ram_slots(m: &Model, avail: u64, min_slots: u32) -> (u32, u64, bool) {
     let staging = m.staging();
     let fit_slots = (avail.saturating_sub(staging) / one).min(u64::from(m.n_exp)) as u32;
     let slots = fit_slots.max(min_slots);
-    (slots, u64::from(slots) * one + staging, fit_slots >= min_slots)
+    (
+        slots,
+        u64::from(slots) * one + staging,
+        fit_slots >= min_slots,
+    )
 }
 
 impl Model {

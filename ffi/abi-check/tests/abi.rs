@@ -158,6 +158,7 @@ fn structs_match_the_header() {
         staged,
         staged_from_slots,
         staged_reads,
+        copy_ns,
     });
     // The callback typedefs are the very types the Rust side uses.
     same::<Option<_>>(
