@@ -57,8 +57,13 @@ $expertd status --config "$config"
 echo "== a completion from the engine on 127.0.0.1:$port (random weights: random words)"
 curl -sf "http://127.0.0.1:$port/completion" \
   -d '{"prompt": "The expert pool keeps the hot experts", "n_predict": 64, "temperature": 0}' |
-  python3 -c 'import json,sys; a=json.load(sys.stdin); t=a["timings"]; print(repr(a["content"])); print(f"{t[\"predicted_n\"]} tokens at {t[\"predicted_per_second\"]:.1f} tok/s, prompt {t[\"prompt_n\"]} tokens at {t[\"prompt_per_second\"]:.1f} tok/s")'
-
+  python3 -c '
+import json, sys
+a = json.load(sys.stdin)
+t = a["timings"]
+print(repr(a["content"]))
+print("%d tokens at %.1f tok/s, prompt %d tokens at %.1f tok/s"
+      % (t["predicted_n"], t["predicted_per_second"], t["prompt_n"], t["prompt_per_second"]))'
 sleep 2.5 # the pool publishes its stats about once a second, the daemon reads them every 2 s
 echo "== expertd status (after the completion)"
 $expertd status --config "$config"

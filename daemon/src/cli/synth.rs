@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::gguf::ModelInfo;
-use crate::synth::{self, ExpertType, Preset, SynthConfig};
+use crate::synth::{self, ExpertType, Locality, Preset, SynthConfig};
 
 /// Preset names on the command line.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -18,6 +18,18 @@ pub enum PresetArg {
     Mid,
     /// 24 layers, n_embd 1024, 128 experts (8 used), Q4_K experts: ~2.6 GiB.
     Bench,
+}
+
+/// Calibrated routing-knob settings on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LocalityArg {
+    /// The preset's own knobs.
+    Default,
+    /// Routing locality like published real models (reuse 25-47% per layer, LRU at a
+    /// quarter of the experts about 75%; calibrated on the bench preset).
+    Realistic,
+    /// Clearly harder to cache (reuse under 20%, LRU at a quarter under 50%).
+    Hard,
 }
 
 /// Expert tensor types on the command line.
@@ -37,6 +49,10 @@ pub struct SynthArgs {
     /// Starting point for every option below.
     #[arg(long, value_enum, default_value = "tiny")]
     pub preset: PresetArg,
+    /// Routing-knob settings applied to the preset (explicit knob options override them;
+    /// see bench/RESULTS.md for what each measures).
+    #[arg(long, value_enum, default_value = "default")]
+    pub locality: LocalityArg,
     /// Output file (written atomically).
     #[arg(short = 'o', long)]
     pub output: PathBuf,
@@ -79,6 +95,13 @@ pub struct SynthArgs {
     /// Attention output scale: how much routing depends on the context.
     #[arg(long)]
     pub context_weight: Option<f32>,
+    /// Attention recency (0: off): higher makes the context the routers see an average
+    /// over fewer recent tokens.
+    #[arg(long)]
+    pub attn_recency: Option<f32>,
+    /// Layer l's attention output scale is the context weight times (l + 1)^-DECAY.
+    #[arg(long)]
+    pub context_decay: Option<f32>,
     /// PRNG seed (same seed and options, same bytes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -101,7 +124,12 @@ impl SynthArgs {
             PresetArg::Mid => Preset::Mid,
             PresetArg::Bench => Preset::Bench,
         };
-        let mut c = SynthConfig::preset(preset);
+        let locality = match self.locality {
+            LocalityArg::Default => Locality::Default,
+            LocalityArg::Realistic => Locality::Realistic,
+            LocalityArg::Hard => Locality::Hard,
+        };
+        let mut c = SynthConfig::preset(preset).with_locality(locality);
         let set = |dst: &mut u32, v: Option<u32>| {
             if let Some(v) = v {
                 *dst = v;
@@ -125,6 +153,8 @@ impl SynthArgs {
         setf(&mut c.router_scale, self.router_scale);
         setf(&mut c.token_weight, self.token_weight);
         setf(&mut c.context_weight, self.context_weight);
+        setf(&mut c.attn_recency, self.attn_recency);
+        setf(&mut c.context_decay, self.context_decay);
         c.seed = self.seed;
         if let Some(t) = self.expert_type {
             c.expert_type = match t {

@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 use expert_pool::sim;
 use expert_pool::trace::{self, GenParams, Trace};
 
+mod record;
+
 /// `expertd trace` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum TraceCommand {
@@ -18,6 +20,8 @@ pub enum TraceCommand {
     Stats(StatsArgs),
     /// Write a synthetic trace with given reuse and Zipf popularity.
     Gen(GenArgs),
+    /// Record a trace from a real run of the stock llama.cpp on a GGUF model.
+    Record(record::RecordArgs),
 }
 
 /// Arguments of `expertd trace sim`.
@@ -81,6 +85,7 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
         TraceCommand::Sim(a) => run_sim(a),
         TraceCommand::Stats(a) => run_stats(a),
         TraceCommand::Gen(a) => run_gen(a),
+        TraceCommand::Record(a) => record::run(a),
     }
 }
 

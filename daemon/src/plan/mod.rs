@@ -509,7 +509,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         topic: "batch",
         choice: format!("-b 2048 -ub {ubatch}"),
         why: format!(
-            "compute buffers ({}) kept to at most 10% of the fast tier; prefill batches larger than the pool's slots use the host copy of the experts",
+            "compute buffers ({}) kept to at most 10% of the fast tier; prefill batches larger than the pool's slots are computed from its staging area",
             human_bytes(m.compute(ubatch))
         ),
     });

@@ -8,15 +8,22 @@
 //!
 //! Weights (std of the dequantized values; all zero-mean):
 //! - `token_embd` Q8_0: `token_weight`.
-//! - `attn_q/k/v` Q8_0: 1/sqrt(n_embd); `attn_output` Q8_0: `context_weight`/sqrt(n_embd_q)
-//!   (with normalized q/k the attention is a soft average of the context, so this scales
-//!   how much the context moves the hidden state that the routers see).
+//! - `attn_q/k/v` Q8_0: 1/sqrt(n_embd); `attn_output` Q8_0 of layer l:
+//!   `context_weight` * (l + 1)^-`context_decay` / sqrt(n_embd_q) (with normalized q/k the
+//!   attention is a soft average of the context, so this scales how much the context moves
+//!   the hidden state that the routers see; the decay keeps the context, which piles up in
+//!   the residual stream, from taking over the deep layers).
+//! - With `attn_recency` > 0: `attn_q.bias`/`attn_k.bias` F32, every element
+//!   [`RECENCY_BIAS`], and `attn_q_norm`/`attn_k_norm` `sqrt(attn_recency)` (see the field).
 //! - `ffn_gate_inp` F32: `router_scale`/sqrt(n_embd) (router logits have std
 //!   `router_scale`), each expert's row times exp(`router_skew` * N(0,1)).
 //! - `ffn_gate_exps`/`ffn_up_exps`: 1/sqrt(n_embd); `ffn_down_exps`: 1/sqrt(expert_ffn).
 //! - `output` Q8_0: logits of std 2.5, except the 259 special and byte tokens whose rows
 //!   are scaled by 1/16 so that greedy output is text and rarely ends early.
-//! - norms F32: 1.
+//! - other norms F32: 1.
+//!
+//! [`Locality`] names calibrated knob settings (routing locality like published real models,
+//! or clearly harder); bench/RESULTS.md has the measurements.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -37,6 +44,11 @@ pub const ARCH: &str = "qwen3moe";
 const OUTPUT_LOGIT_STD: f64 = 2.5;
 /// Output rows of special and byte tokens are scaled by this.
 const OUTPUT_SPECIAL_DAMPING: f64 = 1.0 / 16.0;
+/// Value of every Q and K bias element when `attn_recency` is on: four times the std of
+/// the token-dependent part of a query or key element (rows of std 1/sqrt(n_embd) times a
+/// normalized input), so that after the q/k norms every query and key points about the
+/// same way (cosine about 0.97).
+pub const RECENCY_BIAS: f32 = 4.0;
 /// Target size of one generated chunk (a run of rows of one tensor).
 const CHUNK_BYTES: u64 = 4 << 20;
 
@@ -74,6 +86,31 @@ pub enum Preset {
     Mid,
     /// The benchmark model (24 layers, 128 experts, about 2.6 GiB).
     Bench,
+}
+
+/// Calibrated settings of the routing knobs (router skew and scale, token and context
+/// weights, attention recency, context decay), measured on the bench preset with English
+/// prompts (bench/RESULTS.md, "Routing locality of the synthetic models").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Locality {
+    /// The presets' own knobs (the models as they always were).
+    Default,
+    /// Like published real models: consecutive-token reuse within 25-47% in every layer,
+    /// LRU with a quarter of the experts as slots about 75%.
+    Realistic,
+    /// Clearly harder to cache: reuse under 20%, LRU at a quarter under 50%.
+    Hard,
+}
+
+impl Locality {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Locality::Default => "default",
+            Locality::Realistic => "realistic",
+            Locality::Hard => "hard",
+        }
+    }
 }
 
 impl Preset {
@@ -118,6 +155,14 @@ pub struct SynthConfig {
     pub token_weight: f32,
     /// Scale of the attention output projection (routing depends on the context).
     pub context_weight: f32,
+    /// Recency of attention (0: off). When on, every layer gets constant Q and K biases
+    /// that dominate the normalized queries and keys, so RoPE turns the attention scores
+    /// into a decaying function of the distance between tokens, and the q/k norm weights
+    /// are `sqrt(attn_recency)`, which sharpens that decay: the context the routers see
+    /// is then an average over the last few tokens instead of the whole prompt.
+    pub attn_recency: f32,
+    /// Layer l's attention output scale is `context_weight * (l + 1)^-context_decay`.
+    pub context_decay: f32,
     /// PRNG seed.
     pub seed: u64,
     /// Expert tensor type.
@@ -142,6 +187,8 @@ impl SynthConfig {
             router_scale: 1.0,
             token_weight: 1.0,
             context_weight: 1.0,
+            attn_recency: 0.0,
+            context_decay: 0.0,
             seed: 0,
             expert_type: ExpertType::Q4K,
         };
@@ -171,6 +218,30 @@ impl SynthConfig {
                 ..base
             },
         }
+    }
+
+    /// Sets the routing knobs to a calibrated [`Locality`] (and names it in `preset`).
+    pub fn with_locality(mut self, locality: Locality) -> SynthConfig {
+        let (skew, scale, token, context, recency, decay) = match locality {
+            Locality::Default => (0.5, 1.0, 1.0, 1.0, 0.0, 0.0),
+            Locality::Realistic => (0.75, 1.0, 1.0, 2.5, 3.0, 0.5),
+            Locality::Hard => (0.3, 1.0, 1.0, 0.4, 0.0, 0.0),
+        };
+        self.router_skew = skew;
+        self.router_scale = scale;
+        self.token_weight = token;
+        self.context_weight = context;
+        self.attn_recency = recency;
+        self.context_decay = decay;
+        if locality != Locality::Default {
+            self.preset = format!("{}-{}", self.preset, locality.name());
+        }
+        self
+    }
+
+    /// The attention output scale of layer `l`.
+    pub fn context_weight_of(&self, l: u32) -> f64 {
+        f64::from(self.context_weight) * (f64::from(l) + 1.0).powf(-f64::from(self.context_decay))
     }
 
     /// Head dimension.
@@ -245,6 +316,8 @@ impl SynthConfig {
             ("--router-scale", self.router_scale),
             ("--token-weight", self.token_weight),
             ("--context-weight", self.context_weight),
+            ("--attn-recency", self.attn_recency),
+            ("--context-decay", self.context_decay),
         ] {
             if !(0.0..=100.0).contains(&v) {
                 return bad(format!("{what} {v} must be in 0..=100"));
@@ -300,6 +373,8 @@ pub struct Manifest {
 enum Fill {
     /// F32 ones.
     Ones,
+    /// F32, every element this value.
+    Const(f32),
     /// F32 normals with this std, each row scaled by exp(skew * N(0,1)).
     Router { std: f64, skew: f64 },
     /// Quantized rows with this std; the first `damped_rows` rows are scaled by `damping`.
@@ -385,24 +460,34 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             q8,
             quant(inv_sqrt(n_embd)),
         ));
+        if c.attn_recency > 0.0 {
+            // Constant biases make the normalized queries and keys nearly the same vector
+            // for every token (all pairs of RoPE dimensions equally), so q . k depends
+            // mostly on the tokens' distance.
+            let bias = |name: &str, len: u64| {
+                t(
+                    format!("blk.{l}.{name}.bias"),
+                    vec![len],
+                    GgmlType::F32,
+                    Fill::Const(RECENCY_BIAS),
+                )
+            };
+            v.push(bias("attn_q", n_q));
+            v.push(bias("attn_k", n_kv));
+        }
         v.push(t(
             n("attn_output"),
             vec![n_q, n_embd],
             q8,
-            quant(f64::from(c.context_weight) * inv_sqrt(n_q)),
+            quant(c.context_weight_of(l) * inv_sqrt(n_q)),
         ));
-        v.push(t(
-            n("attn_q_norm"),
-            vec![head_dim],
-            GgmlType::F32,
-            Fill::Ones,
-        ));
-        v.push(t(
-            n("attn_k_norm"),
-            vec![head_dim],
-            GgmlType::F32,
-            Fill::Ones,
-        ));
+        let qk_norm = if c.attn_recency > 0.0 {
+            Fill::Const(c.attn_recency.sqrt())
+        } else {
+            Fill::Ones
+        };
+        v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
+        v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
         v.push(t(
             n("ffn_gate_inp"),
@@ -438,7 +523,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
 fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
     let a = |k: &str| format!("{ARCH}.{k}");
     let pieces = vocab::build(c.vocab);
-    vec![
+    let mut md = vec![
         ("general.architecture".into(), Value::String(ARCH.into())),
         (
             "general.name".into(),
@@ -524,7 +609,21 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
             "expertd.synth.context_weight".into(),
             Value::F32(c.context_weight),
         ),
-    ]
+    ];
+    // Only when on, so that models without them keep their bytes.
+    if c.attn_recency > 0.0 {
+        md.push((
+            "expertd.synth.attn_recency".into(),
+            Value::F32(c.attn_recency),
+        ));
+    }
+    if c.context_decay > 0.0 {
+        md.push((
+            "expertd.synth.context_decay".into(),
+            Value::F32(c.context_decay),
+        ));
+    }
+    md
 }
 
 /// The header layout (metadata, tensors, offsets) of the model `config` describes,
@@ -582,6 +681,12 @@ fn generate(seed: u64, info: &TensorInfo, fill: Fill, chunk: &Chunk) -> Vec<u8> 
                     out.extend_from_slice(&1.0f32.to_le_bytes());
                 }
             }
+            Fill::Const(v) => {
+                for _ in 0..n {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+
             Fill::Router { std, skew } => {
                 let scale = std * (skew * r.normal()).exp();
                 for _ in 0..n {
@@ -751,4 +856,117 @@ fn write_data(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor_bytes(m: &Manifest, bytes: &[u8], name: &str) -> Vec<u8> {
+        let t = m.tensors.iter().find(|t| t.name == name).expect(name);
+        let s = (m.data_offset + t.offset) as usize;
+        bytes[s..s + t.size as usize].to_vec()
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn std_of(x: &[f32]) -> f64 {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        (x.iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt()
+    }
+
+    #[test]
+    fn default_locality_is_the_preset() {
+        for p in [Preset::Tiny, Preset::Mid, Preset::Bench] {
+            let c = SynthConfig::preset(p);
+            assert_eq!(c.clone().with_locality(Locality::Default), c);
+            // Neither new tensors nor new keys: the presets keep their bytes.
+            let (md, lay) = layout(&c).unwrap();
+            assert!(!lay.tensors.iter().any(|t| t.name.ends_with(".bias")));
+            assert!(
+                !md.iter()
+                    .any(|(k, _)| k.contains("recency") || k.contains("decay"))
+            );
+        }
+        let r = SynthConfig::preset(Preset::Bench).with_locality(Locality::Realistic);
+        assert_eq!(r.preset, "bench-realistic");
+        let h = SynthConfig::preset(Preset::Bench).with_locality(Locality::Hard);
+        assert_eq!(h.preset, "bench-hard");
+        assert!(h.context_weight < r.context_weight && h.attn_recency == 0.0);
+    }
+
+    #[test]
+    fn recency_and_context_decay_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.gguf");
+        let mut c = SynthConfig::preset(Preset::Tiny);
+        c.attn_recency = 3.0;
+        c.context_decay = 1.0;
+        c.context_weight = 2.0;
+        let m = write_model(&c, &path, 2).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let n_q = (c.n_head * c.head_dim()) as usize;
+        let n_kv = (c.n_head_kv * c.head_dim()) as usize;
+        for l in 0..c.layers {
+            let q = f32s(&tensor_bytes(&m, &bytes, &format!("blk.{l}.attn_q.bias")));
+            let k = f32s(&tensor_bytes(&m, &bytes, &format!("blk.{l}.attn_k.bias")));
+            assert_eq!((q.len(), k.len()), (n_q, n_kv));
+            assert!(q.iter().chain(&k).all(|&v| v == RECENCY_BIAS));
+            for norm in ["attn_q_norm", "attn_k_norm"] {
+                let w = f32s(&tensor_bytes(&m, &bytes, &format!("blk.{l}.{norm}.weight")));
+                assert!(w.iter().all(|&v| v == 3f32.sqrt()), "{norm} of layer {l}");
+            }
+            // attn_output: std context_weight / (l + 1) / sqrt(n_q).
+            let o = quant::dequant_q8_0(&tensor_bytes(
+                &m,
+                &bytes,
+                &format!("blk.{l}.attn_output.weight"),
+            ));
+            let want = 2.0 / f64::from(l + 1) / (n_q as f64).sqrt();
+            let got = std_of(&o);
+            assert!(
+                (got / want - 1.0).abs() < 0.03,
+                "layer {l}: std {got}, want {want}"
+            );
+        }
+        let key = |k: &str| {
+            m.metadata
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(key("expertd.synth.attn_recency"), Some(Value::F32(3.0)));
+        assert_eq!(key("expertd.synth.context_decay"), Some(Value::F32(1.0)));
+        // And the loader-facing header reads back.
+        let f = gguf::GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensors, m.tensors);
+    }
+
+    #[test]
+    fn bad_locality_knobs_are_refused() {
+        for (tweak, flag) in [
+            (
+                (|c: &mut SynthConfig| c.attn_recency = -1.0) as fn(&mut SynthConfig),
+                "--attn-recency",
+            ),
+            (
+                |c: &mut SynthConfig| c.context_decay = f32::NAN,
+                "--context-decay",
+            ),
+        ] {
+            let mut c = SynthConfig::preset(Preset::Tiny);
+            tweak(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+    }
 }
