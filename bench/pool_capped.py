@@ -8,9 +8,11 @@ the page cache dropped before each run:
   the patched llama-bench with the pool (slots: what the cap leaves after the non-expert
   weights, the staging area and a fixed reserve for buffers),
 for decode (-p 0 -n TOKENS) and prefill (-p PROMPT -n 0). The pool starts empty: each
-pool decode run makes three repetitions in one process, the first is reported as the
-cold start and the mean of the other two as warm (llama-bench's warmup decodes one token
-before them).
+pool decode run makes --reps repetitions in one process (--reps-uncapped uncapped), the
+first is reported as the cold start and the median of the last three as warm
+(llama-bench's warmup decodes one token before them). The patched llama-bench prints the
+pool's counters for every repetition, so the hit rate and the bytes read are those of
+the repetitions reported.
 The disk's random-read bandwidth for expert-sized reads is measured in the same run
 (fio, io_uring, O_DIRECT, depth 8, on the model file), and the I/O bound of each pool
 run is that bandwidth over the expert bytes it read per decoded token.
@@ -20,11 +22,13 @@ Needs root (cgroups, drop_caches), fio, the built engines (expertd engine build,
 
 Usage: bench/pool_capped.py [--caps 1024,1536,2048,0] [--tokens 64] [--prompt 128]
                             [--model PATH] [--threads 2] [--reserve-mib 300] [--prefetch on,off]
+                            [--reps 6] [--reps-uncapped 12]
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -86,23 +90,41 @@ class Cgroup:
 
 def llama_bench(binary, model, args, cap_mib, threads, reps=1):
     """Runs llama-bench (`reps` repetitions in one process), returns (tokens/s of each
-    repetition or None, peak MiB or None, note, wall seconds)."""
+    repetition or None, peak MiB or None, note, the pool's counters during each repetition
+    (the patched llama-bench's `expert-pool-rep:` stderr lines; empty without a pool))."""
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json"] + args
     cg = Cgroup(cap_mib) if cap_mib else None
     try:
         drop_caches()
-        t0 = time.time()
         out = sh(cg.wrap(cmd) if cg else cmd)
-        wall = time.time() - t0
         peak = cg.peak_mib() if cg else None
     finally:
         if cg:
             cg.close()
     if out.returncode != 0:
         killed = out.returncode in (137, -9)
-        return None, peak, ("OOM-killed" if killed else f"exit {out.returncode}: {out.stderr[-300:]}"), wall
+        return None, peak, ("OOM-killed" if killed else f"exit {out.returncode}: {out.stderr[-300:]}"), []
     res = json.loads(out.stdout)
-    return res[0]["samples_ts"], peak, "", wall
+    pool_reps = [json.loads(line.split(":", 1)[1]) for line in out.stderr.splitlines()
+                 if line.startswith("expert-pool-rep:")]
+    return res[0]["samples_ts"], peak, "", pool_reps
+
+
+def pool_summary(reps, n_layers, disk_bw):
+    """Hit rate, expert bytes read per token and the I/O bound over some repetitions."""
+    requests = sum(r["requests"] for r in reps)
+    hits = sum(r["hits"] + r["inflight_hits"] for r in reps)
+    seen = hits + sum(r["misses"] for r in reps)
+    tokens = sum(r["n_gen"] or r["n_prompt"] for r in reps)
+    read = sum(r["bytes_read"] for r in reps)
+    per_token = read / tokens if tokens else None
+    return {
+        "hit_rate": hits / seen if seen else None,
+        "miss_bytes_per_token": per_token,
+        "io_bound_tps": disk_bw / per_token if per_token else None,
+        "stall_s": sum(r["stall_ns"] for r in reps) / 1e9,
+        "requests": requests,
+    }
 
 
 def fio_bandwidth(model, block_kib, seconds=5):
@@ -128,6 +150,11 @@ def main():
     ap.add_argument("--policy", default=None)
     ap.add_argument("--prefetch", default="on,off", help="pool runs: prefetch on, off, or both")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--skip-stock", action="store_true", help="pool runs only (while tuning; the table then lacks its baseline)")
+    ap.add_argument("--reps", type=int, default=6, help="pool decode repetitions under a cap")
+    ap.add_argument("--reps-uncapped", type=int, default=12,
+                    help="pool decode repetitions uncapped (every expert has a slot; the rarely "
+                         "routed ones take many tokens to be read once)")
     args = ap.parse_args()
 
     model = Path(args.model)
@@ -168,57 +195,61 @@ def main():
         # which a cap below the model cannot hold). One repetition: it only gets slower.
         stock_args = ["--repack", "0"] if cap else []
         tg = ["-p", "0", "-n", str(args.tokens)]
-        samples, row["stock_tg_peak_mib"], row["stock_tg_note"], _ = llama_bench(
-            stock, model, tg + stock_args, cap, args.threads, reps=1 if cap else 3)
-        row["stock_tg"] = samples[-1] if samples else None
+        samples, row["stock_tg_peak_mib"], row["stock_tg_note"] = None, None, "skipped"
+        if not args.skip_stock:
+            samples, row["stock_tg_peak_mib"], row["stock_tg_note"], _ = llama_bench(
+                stock, model, tg + stock_args, cap, args.threads, reps=1 if cap else 3)
+        row["stock_tg_samples"] = samples
+        row["stock_tg"] = statistics.median(samples) if samples else None
         if cap == 0:
             stock_uncapped = row["stock_tg"]
         for prefetch in args.prefetch.split(","):
             key = f"pool_pf_{prefetch}"
-            stats = ROOT / "target/bench/pool_stats.json"
-            if stats.exists():
-                stats.unlink()
-            pool_args = ["--expert-pool-slots", str(slots), "--expert-pool-stats", str(stats),
-                         "--expert-pool-prefetch", prefetch]
+            pool_args = ["--expert-pool-slots", str(slots), "--expert-pool-prefetch", prefetch]
             if args.policy:
                 pool_args += ["--expert-pool-policy", args.policy]
             if slots < info["expert_used_count"]:
                 row[key] = {"note": f"the cap leaves {slots} slots"}
                 continue
-            # Three repetitions in one process: the pool starts empty (the first is the
-            # cold start, llama-bench's one-token warmup aside), the later ones are warm.
-            samples, peak, note, _ = llama_bench(patched, model, tg + pool_args, cap, args.threads, reps=3)
-            r = {"samples": samples, "peak_mib": peak, "note": note}
+            # Repetitions in one process: the pool starts empty. The first repetition is
+            # the cold start (after llama-bench's one-token warmup); warm = the median of
+            # the last three, with the pool's hit rate and reads during those three.
+            reps = args.reps_uncapped if cap == 0 else args.reps
+            samples, peak, note, pool_reps = llama_bench(patched, model, tg + pool_args, cap, args.threads, reps=reps)
+            r = {"samples": samples, "peak_mib": peak, "note": note, "reps": pool_reps}
             if samples:
                 r["cold"] = samples[0]
-                r["warm"] = sum(samples[1:]) / len(samples[1:])
-            if stats.exists():
-                st = json.loads(stats.read_text())["total"]
-                tokens = st["requests"] / n_layers
-                seen = st["hits"] + st["inflight_hits"] + st["misses"]
-                r["hit_rate"] = (st["hits"] + st["inflight_hits"]) / seen if seen else None
-                r["miss_bytes_per_token"] = st["bytes_read"] / tokens if tokens else None
-                r["io_bound_tps"] = disk_bw / r["miss_bytes_per_token"] if r["miss_bytes_per_token"] else None
-                r["stats"] = st
+                r["warm"] = statistics.median(samples[-3:])
+            if len(pool_reps) == reps:
+                r["cold_pool"] = pool_summary(pool_reps[:1], n_layers, disk_bw)
+                r.update(pool_summary(pool_reps[-3:], n_layers, disk_bw))
             row[key] = r
         if not args.skip_prefill:
+            # Prefill: three repetitions each; the pool's first one starts empty.
             pp = ["-p", str(args.prompt), "-n", "0"]
-            samples, _, row["stock_pp_note"], _ = llama_bench(stock, model, pp + stock_args, cap, args.threads)
-            row["stock_pp"] = samples[-1] if samples else None
+            samples, row["stock_pp_note"] = None, "skipped"
+            if not args.skip_stock:
+                samples, _, row["stock_pp_note"], _ = llama_bench(stock, model, pp + stock_args, cap, args.threads, reps=3)
+            row["stock_pp_samples"] = samples
+            row["stock_pp"] = statistics.median(samples) if samples else None
             if slots >= info["expert_used_count"]:
-                samples, _, row["pool_pp_note"], _ = llama_bench(
-                    patched, model, pp + ["--expert-pool-slots", str(slots)], cap, args.threads)
-                row["pool_pp"] = samples[-1] if samples else None
+                samples, _, row["pool_pp_note"], pool_reps = llama_bench(
+                    patched, model, pp + ["--expert-pool-slots", str(slots)], cap, args.threads, reps=3)
+                row["pool_pp_samples"] = samples
+                row["pool_pp"] = statistics.median(samples) if samples else None
+                row["pool_pp_reps"] = pool_reps
         rows.append(row)
-        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "stats"} if isinstance(v, dict) else v)
-                          for k, v in row.items()}), flush=True)
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "reps"} if isinstance(v, dict) else v)
+                          for k, v in row.items() if not k.endswith("_reps")}), flush=True)
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
     print()
-    print(f"Uncapped stock decode: {f(stock_uncapped)} tok/s. Pool tok/s: cold = first of 3 repetitions "
-          f"(the pool starts empty), warm = mean of the other two.")
+    print(f"Uncapped stock decode: {f(stock_uncapped)} tok/s (median of 3). Pool tok/s: cold = the first "
+          f"repetition (the pool starts empty), warm = median of the last 3 of {args.reps} "
+          f"({args.reps_uncapped} uncapped); hit rate, miss MiB/token and the I/O bound are those of the "
+          f"warm repetitions. Stock under a cap: one repetition (it only gets slower).")
     print()
     print("| cap MiB | slots | prefetch | stock tg | pool tg cold | pool tg warm | warm/stock | hit rate | miss MiB/token | I/O bound tok/s | warm / min(I/O bound, uncapped stock) | stock pp | pool pp |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

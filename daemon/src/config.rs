@@ -283,7 +283,8 @@ pub struct PoolConfig {
     /// `pool.policy`: eviction policy passed to the engine (one of [`POLICIES`]); default
     /// [`DEFAULT_POLICY`].
     pub policy: String,
-    /// `pool.prefetch`: prefetch the next layer's likely experts; default true.
+    /// `pool.prefetch`: prefetch the next layer's likely experts; default false (measured
+    /// not to pay on the bench models: `bench/RESULTS.md`).
     pub prefetch: bool,
 }
 
@@ -597,7 +598,7 @@ impl Config {
         let pool = PoolConfig {
             mode,
             policy,
-            prefetch: p.prefetch.unwrap_or(true),
+            prefetch: p.prefetch.unwrap_or(false),
         };
 
         let pl = raw.plan;

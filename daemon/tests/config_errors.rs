@@ -198,7 +198,7 @@ fn a_model_is_all_a_config_needs() {
     assert_eq!(c.engine.stop_timeout, Duration::from_secs(10));
     assert_eq!(c.pool.mode, PoolMode::Auto);
     assert_eq!(c.pool.policy, "lfu-decay");
-    assert!(c.pool.prefetch && c.watch);
+    assert!(!c.pool.prefetch && c.watch);
     assert_eq!(c.plan.parallel, 1);
     assert_eq!(c.restart.crash_loop_restarts, 5);
     // Not a service, not root: per-user places.
@@ -276,7 +276,7 @@ stop_timeout_secs = 3
 [pool]
 mode = "on"
 policy = "lru"
-prefetch = false
+prefetch = true
 [plan]
 ctx_size = 8192
 kv_type = "q8_0"
@@ -300,6 +300,7 @@ models_dir = "/srv/ollama"
         Some("0")
     );
     assert_eq!(c.plan.kv_type, Some(KvType::Q8_0));
+    assert!(c.pool.prefetch);
     assert_eq!(c.restart.backoff_initial, Duration::from_millis(100));
     assert!(c.socket_explicit && !c.watch);
     assert_eq!(c.client_sockets(), vec![PathBuf::from("/srv/s.sock")]);

@@ -98,7 +98,7 @@ fn run(mode: IoMode) {
 
     // A 16-token ubatch of 4 experts each, touching 20 distinct experts with repeats.
     let ids: Vec<i32> = (0..16)
-        .flat_map(|t| (0..4).map(move |j| ((t * 3 + j * 5) % 20) as i32))
+        .flat_map(|t| (0..4).map(move |j| (t * 3 + j * 5) % 20))
         .collect();
     let distinct: BTreeSet<u32> = ids.iter().map(|&e| e as u32).collect();
     let got = stage(&p, 1, &ids, 4, 16).unwrap();

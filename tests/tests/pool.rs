@@ -53,8 +53,9 @@ fn assert_same(stock: &Greedy, other: &Greedy, what: &str) {
 }
 
 /// Stock, patched with the pool off, and the pool at each slot count give bit-identical
-/// greedy output and full log-probability vectors (n_probs = the vocabulary).
-fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
+/// greedy output and full log-probability vectors (n_probs = the vocabulary). The slot
+/// counts in `prefetch_at` run once more with prefetch on (off by default).
+fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: &[u32]) {
     let dir = tempfile::tempdir().unwrap();
     let (path, config) = model(dir.path(), preset, experts, 5);
     let n_probs = config.vocab as usize;
@@ -64,13 +65,19 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
     assert_eq!(stock.logprobs[0].len(), n_probs);
     let off = run(Flavor::Patched, &path, &[], n_probs);
     assert_same(&stock, &off, "pool off");
-    for &n in slots {
-        let stats = dir.path().join(format!("stats-{n}.json"));
+    let runs = slots
+        .iter()
+        .map(|&n| (n, false))
+        .chain(prefetch_at.iter().map(|&n| (n, true)));
+    for (n, prefetch) in runs {
+        let stats = dir.path().join(format!("stats-{n}-{prefetch}.json"));
         let args = [
             "--expert-pool-slots",
             &n.to_string(),
             "--expert-pool-stats",
             stats.to_str().unwrap(),
+            "--expert-pool-prefetch",
+            if prefetch { "on" } else { "off" },
         ];
         let server = Server::start(
             &engine_binary(Flavor::Patched, "llama-server"),
@@ -83,7 +90,10 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
         assert_same(
             &stock,
             &pooled,
-            &format!("{} {experts:?}, {n} slots", preset.name()),
+            &format!(
+                "{} {experts:?}, {n} slots, prefetch {prefetch}",
+                preset.name()
+            ),
         );
 
         // The pool really served the run: every decode step of every layer went
@@ -93,6 +103,12 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
         let layers = config.layers as u64;
         assert!(total["requests"].as_u64().unwrap() >= 63 * layers, "{s}");
         assert_eq!(total["errors"], 0, "{s}");
+        let prefetched = total["prefetch_issued"].as_u64().unwrap();
+        if !prefetch {
+            assert_eq!(prefetched, 0, "{s}");
+        } else if n < config.n_expert {
+            assert!(prefetched > 0, "prefetch on but nothing prefetched: {s}");
+        }
         if n < config.n_expert {
             assert!(
                 total["staged"].as_u64().unwrap() >= layers - 1,
@@ -107,18 +123,18 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32]) {
 
 #[test]
 fn pool_is_bit_exact_on_tiny_q4_k() {
-    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32]);
+    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32], &[8]);
 }
 
 #[test]
 fn pool_is_bit_exact_on_tiny_q8_0() {
     // Q8_0 experts are not repacked on x86: slots are plain memory the pool writes itself.
-    check_exact(Preset::Tiny, ExpertType::Q8_0, &[4, 32]);
+    check_exact(Preset::Tiny, ExpertType::Q8_0, &[4, 32], &[4]);
 }
 
 #[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
-    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64]);
+    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64], &[16]);
 }
 
 #[test]
