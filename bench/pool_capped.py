@@ -22,7 +22,7 @@ Needs root (cgroups, drop_caches), fio, the built engines (expertd engine build,
 
 Usage: bench/pool_capped.py [--caps 1024,1536,2048,0] [--tokens 64] [--prompt 128]
                             [--model PATH] [--threads 2] [--reserve-mib 300] [--prefetch on,off]
-                            [--reps 6] [--reps-uncapped 12]
+                            [--reps 6] [--reps-uncapped 12] [--out FILE]
 """
 
 import argparse
@@ -150,6 +150,7 @@ def main():
     ap.add_argument("--policy", default=None)
     ap.add_argument("--prefetch", default="on,off", help="pool runs: prefetch on, off, or both")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench/out/pool_capped.json"), help="JSON results")
     ap.add_argument("--skip-stock", action="store_true", help="pool runs only (while tuning; the table then lacks its baseline)")
     ap.add_argument("--reps", type=int, default=6, help="pool decode repetitions under a cap")
     ap.add_argument("--reps-uncapped", type=int, default=12,
@@ -265,7 +266,7 @@ def main():
                   f"| {f(p.get('cold'))} | {f(warm)} | {f(ratio, '{:.1f}x')} | {f(p.get('hit_rate'), '{:.1%}')} "
                   f"| {f((p.get('miss_bytes_per_token') or 0) / 2**20)} | {f(p.get('io_bound_tps'), '{:.1f}')} | {f(frac)} "
                   f"| {f(r.get('stock_pp'), '{:.1f}')} | {f(r.get('pool_pp'), '{:.1f}')} |")
-    out = ROOT / "bench/out/pool_capped.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "disk_bytes_per_s": disk_bw, "args": vars(args), "rows": rows}, indent=1))
     print(f"\n# wrote {out}")
