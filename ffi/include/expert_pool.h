@@ -205,6 +205,8 @@ typedef struct ep_stats {
     uint64_t staged_reads;          /* ... distinct experts read from the file */
     uint64_t copy_ns;               /* time handing read bytes to the engine (slot copies
                                        or repacks, staging copies) */
+    uint64_t stage_ahead;           /* experts read ahead by ep_pool_stage_ahead */
+    uint64_t stage_ahead_used;      /* ... that the next stage call needed */
 } ep_stats;
 
 /* ---- Functions ---------------------------------------------------------------------- */
@@ -278,6 +280,17 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
 ep_status ep_pool_stage(ep_pool *pool, int32_t layer, const int32_t *ids,
                         uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
                         ep_stage_fn stage_fn, void *user);
+
+/* Announces experts that the layer's next ep_pool_stage call is likely to need (e.g.
+ * predicted by that layer's router from the previous layer's input) and starts reading
+ * those not ready in a slot, without waiting (with the pread fallback the reads happen
+ * in this call): they proceed while the engine computes the previous layer, and the
+ * stage call hands their bytes over instead of reading them again. Replaces the
+ * layer's previous announcement; the stage call releases announced experts it did not
+ * need. A hint: what ep_pool_stage hands over is the file's bytes either way. *out_n
+ * (may be NULL) gets the number of experts whose reads started. */
+ep_status ep_pool_stage_ahead(ep_pool *pool, int32_t layer, const int32_t *experts,
+                              size_t n, uint32_t *out_n);
 
 /* Starts fills of the given experts of a layer without waiting (io_uring; with the
  * pread fallback the reads happen in this call). Experts already resident or in flight

@@ -641,6 +641,33 @@ pub unsafe extern "C" fn ep_pool_request(
     })
 }
 
+/// See `ep_pool_stage_ahead` in the header.
+///
+/// # Safety
+/// `pool` as for `ep_pool_add_file`; `experts` valid for `n` reads (or NULL with n = 0);
+/// `out_n` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ep_pool_stage_ahead(
+    pool: *mut ep_pool,
+    layer: i32,
+    experts: *const i32,
+    n: usize,
+    out_n: *mut u32,
+) -> ep_status {
+    guard(|| {
+        // SAFETY: per the function's contract.
+        let pool = unsafe { pool_ref(pool) }?;
+        // SAFETY: experts is valid for n reads by the contract.
+        let experts = unsafe { slice_in(experts, n, "experts") }?;
+        let started = pool.stage_ahead(layer, experts)?;
+        if !out_n.is_null() {
+            // SAFETY: non-null and writable by the contract.
+            unsafe { out_n.write(started) };
+        }
+        Ok(Status::Ok)
+    })
+}
+
 /// See `ep_pool_prefetch` in the header.
 ///
 /// # Safety

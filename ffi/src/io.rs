@@ -407,7 +407,7 @@ pub struct IoEngine {
 }
 
 /// Queue depth used when the caller gives 0.
-pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
+pub const DEFAULT_QUEUE_DEPTH: u32 = 256;
 
 /// Buffers kept for reuse at most. A stage call has every projection of up to all of a
 /// layer's experts in flight at once (e.g. 3 x 128 reads); freeing all but a few of those

@@ -77,6 +77,11 @@ pub struct Counters {
     /// Nanoseconds spent handing read bytes to the engine (slot copies or repacks, and
     /// staging copies); part of `stall_ns` when a request or stage call waited.
     pub copy_ns: u64,
+    /// Experts announced by `stage_ahead` and read ahead for the layer's next stage call
+    /// (their bytes count in `bytes_read`).
+    pub stage_ahead: u64,
+    /// Of those, experts the stage call needed (the rest were read for nothing).
+    pub stage_ahead_used: u64,
 }
 
 impl Counters {
@@ -102,6 +107,8 @@ impl Counters {
         self.staged_from_slots += o.staged_from_slots;
         self.staged_reads += o.staged_reads;
         self.copy_ns += o.copy_ns;
+        self.stage_ahead += o.stage_ahead;
+        self.stage_ahead_used += o.stage_ahead_used;
     }
 
     /// Hit rate over distinct requested experts (in-flight hits count as hits), or 0.

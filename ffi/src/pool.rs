@@ -143,6 +143,21 @@ pub enum Staged<'a> {
 
 /// Tag bit of reads started by [`Pool::stage`] (fill reads never set it).
 const STAGE_TAG: u64 = 1 << 63;
+/// With [`STAGE_TAG`]: a read started by `stage_ahead`; the tag also holds the layer
+/// index (bits 32..62), the expert (bits 8..32) and the projection (bits 0..8).
+const AHEAD_TAG: u64 = 1 << 62;
+
+fn ahead_tag(li: usize, expert: u32, proj: usize) -> u64 {
+    STAGE_TAG | AHEAD_TAG | ((li as u64) << 32) | (u64::from(expert) << 8) | proj as u64
+}
+
+fn ahead_parts(tag: u64) -> (usize, u32, usize) {
+    (
+        ((tag & !(STAGE_TAG | AHEAD_TAG)) >> 32) as usize,
+        ((tag >> 8) & 0xff_ffff) as u32,
+        (tag & 0xff) as usize,
+    )
+}
 
 thread_local! {
     /// Set while this thread runs a pool callback (sink or log); pool calls refuse.
@@ -175,6 +190,12 @@ struct Layer {
     sink: Box<dyn SlotSink>,
     counters: Counters,
     expert_bytes: u64,
+    /// Experts announced by [`Pool::stage_ahead`] for the next stage call (by expert).
+    ahead_mark: Vec<bool>,
+    /// Read-ahead reads still in the kernel, by expert.
+    ahead_inflight: Vec<u32>,
+    /// Finished read-ahead reads not yet handed over: (expert, projection, read, result).
+    ahead_done: Vec<(u32, usize, usize, Result<()>)>,
 }
 
 struct Fill {
@@ -330,6 +351,17 @@ impl Pool {
     ) -> Result<()> {
         let mut g = self.lock()?;
         g.stage(layer, ids, n_used, n_tokens, row_stride, sink)
+    }
+
+    /// Announces experts that `layer`'s next stage call is likely to need, and starts
+    /// reading those not ready in a slot (O_DIRECT where possible) without waiting: the
+    /// reads proceed while the engine computes the previous layer, and the stage call
+    /// hands their bytes over instead of reading them again. Replaces the layer's
+    /// previous announcement. Returns the number of experts whose reads started. A
+    /// hint: what a stage call hands over is the file's bytes either way.
+    pub fn stage_ahead(&self, layer: i32, experts: &[i32]) -> Result<u32> {
+        let mut g = self.lock()?;
+        g.stage_ahead(layer, experts)
     }
 
     /// Starts fills for predicted experts of `layer` without waiting for them.
@@ -600,6 +632,9 @@ impl Inner {
             sink,
             counters: Counters::default(),
             expert_bytes,
+            ahead_mark: vec![false; spec.n_experts as usize],
+            ahead_inflight: vec![0; spec.n_experts as usize],
+            ahead_done: Vec::new(),
         });
         let li = spec.layer as usize;
         if self.layer_index.len() <= li {
@@ -960,6 +995,103 @@ impl Inner {
         Ok(out)
     }
 
+    fn stage_ahead(&mut self, layer: i32, experts: &[i32]) -> Result<u32> {
+        let li = self.index_of(layer)?;
+        let n_experts = self.layers[li].map.n_experts() as usize;
+        if let Some(&e) = experts.iter().find(|&&e| e < 0 || e as usize >= n_experts) {
+            self.layers[li].counters.errors += 1;
+            return Err(PoolError::invalid(format!(
+                "layer {layer}: expert id {e} out of range 0..{n_experts}"
+            )));
+        }
+        self.forget_ahead(li);
+        self.check_layer_files(li)?;
+        let mut started = 0u32;
+        let mut error = None;
+        for &e in experts {
+            let e = e as u32;
+            let l = &mut self.layers[li];
+            let ready = matches!(l.map.slot_of(e), Some(s) if l.map.state(s) == SlotState::Ready);
+            // Skipped: ready in a slot, announced twice, or still being read for an
+            // announcement that was dropped (part of it may be released already; the
+            // stage call then reads it itself).
+            if ready || l.ahead_mark[e as usize] || l.ahead_inflight[e as usize] > 0 {
+                continue;
+            }
+            l.ahead_mark[e as usize] = true;
+            started += 1;
+            for p in 0..self.layers[li].projs.len() {
+                let proj = &self.layers[li].projs[p];
+                let off = proj.offset + u64::from(e) * proj.stride;
+                let file = &self.files[proj.file];
+                match self
+                    .io
+                    .start_read(file, off, proj.bytes, ahead_tag(li, e, p))
+                {
+                    Ok(_) => self.layers[li].ahead_inflight[e as usize] += 1,
+                    Err(err) => {
+                        error = Some(err);
+                        break;
+                    }
+                }
+            }
+            if error.is_some() {
+                break;
+            }
+        }
+        self.layers[li].counters.stage_ahead += u64::from(started);
+        if let Err(e) = self.io.submit() {
+            error.get_or_insert(e);
+        }
+        if let Some(e) = error {
+            // Reads that did start finish on their own and are released unused.
+            self.forget_ahead(li);
+            self.layers[li].counters.errors += 1;
+            return Err(e);
+        }
+        Ok(started)
+    }
+
+    /// Drops layer `li`'s announcement: finished read-ahead reads are released, those
+    /// still in flight are released when they finish.
+    fn forget_ahead(&mut self, li: usize) {
+        let l = &mut self.layers[li];
+        l.ahead_mark.iter_mut().for_each(|m| *m = false);
+        for (_, _, op, _) in std::mem::take(&mut l.ahead_done) {
+            self.io.release(op);
+        }
+    }
+
+    /// Moves finished read-ahead reads out of `stage_done` to their layers (releasing
+    /// those no announcement wants any more).
+    fn route_ahead(&mut self) {
+        if !self
+            .stage_done
+            .iter()
+            .any(|(_, tag, _)| tag & AHEAD_TAG != 0)
+        {
+            return;
+        }
+        let done = std::mem::take(&mut self.stage_done);
+        for (op, tag, result) in done {
+            if tag & AHEAD_TAG == 0 {
+                self.stage_done.push((op, tag, result));
+                continue;
+            }
+            let (li, e, p) = ahead_parts(tag);
+            let l = &mut self.layers[li];
+            l.ahead_inflight[e as usize] -= 1;
+            if result.is_ok() {
+                l.counters.bytes_read += self.io.data(op).len() as u64;
+            }
+            if l.ahead_mark[e as usize] {
+                l.ahead_done.push((e, p, op, result));
+            } else {
+                self.io.release(op);
+            }
+        }
+    }
+
     fn stage(
         &mut self,
         layer: i32,
@@ -1013,6 +1145,9 @@ impl Inner {
             }
         }
         let res = self.stage_reads(li, &to_read, sink);
+        // The announcement is used up: announced experts this call did not need are
+        // released (now, or when their reads finish).
+        self.forget_ahead(li);
         let c = &mut self.layers[li].counters;
         c.stall_ns += t0.elapsed().as_nanos() as u64;
         match &res {
@@ -1028,7 +1163,8 @@ impl Inner {
     }
 
     /// Reads every projection of `experts` of layer `li` as one batch and hands the
-    /// bytes to `sink`. Waits for every read it started, even after an error.
+    /// bytes to `sink`; experts announced by `stage_ahead` come from their read-ahead
+    /// reads instead. Waits for every read it needs, even after an error.
     fn stage_reads(
         &mut self,
         li: usize,
@@ -1039,10 +1175,22 @@ impl Inner {
             return Ok(());
         }
         self.check_layer_files(li)?;
+        self.route_ahead();
+        let n_projs = self.layers[li].projs.len();
         let mut error = None;
         let mut outstanding = 0usize;
+        let mut ahead_left = 0usize;
+        // Announced experts this call needs, and the projections of them not yet in.
+        let mut ahead_needed = vec![false; self.layers[li].ahead_mark.len()];
         'start: for (i, &e) in experts.iter().enumerate() {
-            for p in 0..self.layers[li].projs.len() {
+            if self.layers[li].ahead_mark[e as usize] {
+                // Read ahead (in flight, or done and waiting in ahead_done).
+                ahead_needed[e as usize] = true;
+                ahead_left += n_projs;
+                self.layers[li].counters.stage_ahead_used += 1;
+                continue;
+            }
+            for p in 0..n_projs {
                 let proj = &self.layers[li].projs[p];
                 let off = proj.offset + u64::from(e) * proj.stride;
                 let tag = STAGE_TAG | ((i as u64) << 8) | p as u64;
@@ -1063,34 +1211,43 @@ impl Inner {
         }
         // Each projection is handed over as soon as it is in, so read buffers recycle
         // and the engine's copies overlap the remaining reads.
-        while outstanding > 0 {
+        loop {
             self.process_finished();
+            self.route_ahead();
+            let (mut ready, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.layers[li].ahead_done)
+                    .into_iter()
+                    .partition(|(e, ..)| ahead_needed[*e as usize]);
+            self.layers[li].ahead_done = keep; // announced, not needed: released by the caller
+            ahead_left -= ready.len();
             for (op, tag, result) in std::mem::take(&mut self.stage_done) {
                 outstanding -= 1;
+                let (i, p) = (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
+                if let Ok(()) = &result {
+                    self.layers[li].counters.bytes_read += self.io.data(op).len() as u64;
+                }
+                ready.push((experts[i], p, op, result));
+            }
+            for (expert, proj, op, result) in ready {
                 match result {
-                    Ok(()) => {
-                        let data = self.io.data(op);
-                        self.layers[li].counters.bytes_read += data.len() as u64;
-                        if error.is_none() {
-                            let (i, p) =
-                                (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
-                            let item = Staged::FromFile {
-                                expert: experts[i],
-                                proj: p,
-                                data,
-                            };
-                            let t1 = Instant::now();
-                            in_callback(|| sink(item));
-                            self.layers[li].counters.copy_ns += t1.elapsed().as_nanos() as u64;
-                        }
+                    Ok(()) if error.is_none() => {
+                        let item = Staged::FromFile {
+                            expert,
+                            proj,
+                            data: self.io.data(op),
+                        };
+                        let t1 = Instant::now();
+                        in_callback(|| sink(item));
+                        self.layers[li].counters.copy_ns += t1.elapsed().as_nanos() as u64;
                     }
+                    Ok(()) => {}
                     Err(e) => {
                         error.get_or_insert(e);
                     }
                 }
                 self.io.release(op);
             }
-            if outstanding == 0 {
+            if outstanding == 0 && ahead_left == 0 {
                 break;
             }
             if self.io.pending() == 0 && !self.io.has_completions() {

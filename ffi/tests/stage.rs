@@ -133,6 +133,95 @@ fn run(mode: IoMode) {
     assert_eq!(c.bytes_read, proj_bytes * (4 + read.len() as u64));
 }
 
+/// Experts announced with `stage_ahead` are read before the stage call and handed over
+/// by it with the file's bytes; resident and repeated ones are skipped, a new
+/// announcement replaces the old, unneeded ones are not handed over, and the next stage
+/// call reads everything itself.
+fn run_ahead(mode: IoMode) {
+    let m = model();
+    let p = pool(&m, mode, None);
+    let mut slots = [0i32; 2];
+    p.request(1, &[0, 1], 2, 1, 2, &mut slots).unwrap();
+    // Replaced by the next announcement (its reads are released when they finish).
+    assert_eq!(p.stage_ahead(1, &[20, 21]).unwrap(), 2);
+    assert!(p.stage_ahead(1, &[40]).is_err(), "id 40 is out of range");
+    // 0 is resident, 9 is announced twice, 30 and 31 will not be needed; 20 is still
+    // being read for the dropped announcement, unless that read finished already.
+    let n = p.stage_ahead(1, &[0, 5, 6, 9, 9, 30, 31]).unwrap();
+    assert_eq!(n, 5);
+    let ids = [0, 5, 6, 7, 9, 10, 5, 1];
+    let got = stage(&p, 1, &ids, 2, 4).unwrap();
+    let read: BTreeSet<u32> = got.from_file.keys().map(|(e, _)| *e).collect();
+    assert_eq!(read, BTreeSet::from([5, 6, 7, 9, 10]));
+    assert_eq!(
+        got.from_slot.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([0, 1])
+    );
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(
+            bytes == m.expert(0, *proj, *e),
+            "expert {e} proj {proj}: bytes differ"
+        );
+    }
+    let c = p.counters(Some(1)).unwrap();
+    assert_eq!(c.stage_ahead, 2 + 5);
+    assert_eq!(
+        c.stage_ahead_used, 3,
+        "5, 6 and 9 were announced and needed"
+    );
+    // The announcement is used up: the next stage call reads everything itself, and
+    // the reads of 30 and 31 do not come back.
+    let got = stage(&p, 1, &[30, 11], 2, 1).unwrap();
+    assert_eq!(got.from_file.len(), 2 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}");
+    }
+    assert_eq!(p.counters(Some(1)).unwrap().stage_ahead_used, 3);
+    // Announcing for one layer and staging another leaves both correct.
+    p.stage_ahead(3, &[2, 3]).unwrap();
+    let got = stage(&p, 1, &[2, 3], 2, 1).unwrap();
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}");
+    }
+    let got = stage(&p, 3, &[3, 4], 2, 1).unwrap();
+    assert_eq!(got.from_file.len(), 2 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(
+            bytes == m.expert(1, *proj, *e),
+            "layer 3 expert {e} proj {proj}"
+        );
+    }
+    assert_eq!(p.counters(Some(3)).unwrap().stage_ahead_used, 1);
+    assert_eq!(p.counters(None).unwrap().errors, 1, "the bad id only");
+}
+
+#[test]
+fn stage_ahead_uring_direct() {
+    run_ahead(IoMode::Auto);
+}
+
+#[test]
+fn stage_ahead_uring_buffered() {
+    run_ahead(IoMode::UringBuffered);
+}
+
+#[test]
+fn stage_ahead_pread() {
+    run_ahead(IoMode::Pread);
+}
+
+#[test]
+fn stage_ahead_then_a_changed_file_fails_the_stage_call() {
+    let m = model();
+    let p = pool(&m, IoMode::Auto, None);
+    p.stage_ahead(1, &[5, 6]).unwrap();
+    let mut other = m.bytes.clone();
+    fill_random(&mut other, 98);
+    std::fs::write(m.path(), &other).unwrap();
+    let err = stage(&p, 1, &[5, 6], 2, 1).err().expect("the file changed");
+    assert!(matches!(err, PoolError::FileChanged { .. }), "{err}");
+}
+
 #[test]
 fn stage_uring_direct() {
     run(IoMode::Auto);

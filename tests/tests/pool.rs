@@ -115,6 +115,11 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
                 "prompt not staged: {s}"
             );
             assert!(total["misses"].as_u64().unwrap() > 0, "{s}");
+            // The prompt's later layers were read ahead while the previous one computed.
+            assert!(
+                total["stage_ahead_used"].as_u64().unwrap() > 0,
+                "nothing read ahead for staging: {s}"
+            );
         } else {
             assert_eq!(total["staged"], 0, "{s}");
         }

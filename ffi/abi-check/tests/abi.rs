@@ -55,6 +55,7 @@ fn every_function_matches_the_header() {
         ep_pool_slot_memory(_, _, _, _, _);
         ep_pool_request(_, _, _, _, _, _, _);
         ep_pool_stage(_, _, _, _, _, _, _, _);
+        ep_pool_stage_ahead(_, _, _, _, _);
         ep_pool_prefetch(_, _, _, _, _);
         ep_pool_poll(_);
         ep_pool_stats(_, _, _);
@@ -159,6 +160,8 @@ fn structs_match_the_header() {
         staged_from_slots,
         staged_reads,
         copy_ns,
+        stage_ahead,
+        stage_ahead_used,
     });
     // The callback typedefs are the very types the Rust side uses.
     same::<Option<_>>(
