@@ -191,6 +191,15 @@ int main(int argc, char **argv) {
     CHECK(ep_pool_request(pool, 0, bad, 1, 1, 4, slots) == EP_ERR_INVALID_ARGUMENT, "bad id");
     CHECK(ep_pool_request(NULL, 0, bad, 1, 1, 4, slots) == EP_ERR_INVALID_ARGUMENT, "NULL pool");
 
+    /* Stage read-ahead: announced experts are read now; bad ids and NULL are refused. */
+    int32_t ahead[2] = {7, 8};
+    uint32_t n_ahead = 99;
+    CHECK(ep_pool_stage_ahead(pool, 0, ahead, 2, &n_ahead) == EP_OK, "stage ahead");
+    CHECK(n_ahead <= 2, "read ahead %u", n_ahead);
+    CHECK(ep_pool_stage_ahead(pool, 0, bad, 1, NULL) == EP_ERR_INVALID_ARGUMENT, "stage ahead bad id");
+    CHECK(ep_pool_stage_ahead(NULL, 0, ahead, 2, NULL) == EP_ERR_INVALID_ARGUMENT, "stage ahead NULL pool");
+    CHECK(ep_pool_stage_ahead(pool, 0, NULL, 0, NULL) == EP_OK, "empty stage ahead");
+
     char json[16384];
     size_t len = 0;
     CHECK(ep_pool_stats_json(pool, json, sizeof json, &len) == EP_OK && len < sizeof json, "json");
