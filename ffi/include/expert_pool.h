@@ -137,7 +137,7 @@ typedef void (*ep_stage_fn)(void *user, int32_t layer, int32_t expert, int32_t s
 typedef struct ep_pool_config {
     uint32_t policy;                /* EP_POLICY_* */
     uint32_t io_mode;               /* EP_IO_* */
-    uint32_t queue_depth;           /* io_uring entries; 0 = 64 */
+    uint32_t queue_depth;           /* io_uring entries; 0 = 256 */
     uint32_t max_prefetch_inflight; /* prefetch fills in flight at most; 0 = 64 */
     const char *stats_path;         /* stats file (copied); NULL = none */
     uint32_t stats_interval_ms;     /* minimum interval between writes; 0 = 1000 */

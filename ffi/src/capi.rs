@@ -86,7 +86,7 @@ pub struct ep_pool_config {
     pub policy: u32,
     /// `EP_IO_*`.
     pub io_mode: u32,
-    /// io_uring entries; 0 = 64.
+    /// io_uring entries; 0 = 256.
     pub queue_depth: u32,
     /// Prefetch fills in flight at most; 0 = 64.
     pub max_prefetch_inflight: u32,

@@ -52,7 +52,7 @@ pub struct PoolConfig {
     pub policy: PolicyKind,
     /// I/O path wanted.
     pub io_mode: IoMode,
-    /// io_uring queue depth (0: default 64).
+    /// io_uring queue depth (0: default 256).
     pub queue_depth: u32,
     /// Prefetch fills in flight at most (0: default 64).
     pub max_prefetch_inflight: u32,

@@ -1,9 +1,9 @@
 //! Fuzzes sequences of C ABI calls on one pool: registrations with arbitrary (often
-//! invalid) descriptors, requests with arbitrary shapes and ids, prefetches, polls,
-//! stats. Every buffer handed over matches the shape declared to the pool (the C
+//! invalid) descriptors, requests with arbitrary shapes and ids, prefetches, stage
+//! calls and their read-ahead, polls, stats. Every buffer handed over matches the shape declared to the pool (the C
 //! contract); everything else is fair game. Checks: no crash, statuses are known codes,
 //! and every EP_OK request returns distinct in-range slots per token holding exactly
-//! the file's bytes of each expert.
+//! the file's bytes of each expert; stage calls hand over exactly the file's bytes.
 //!
 //! Run: `cd ffi/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run capi_calls -- -max_total_time=60`
 
@@ -52,6 +52,41 @@ struct Layer {
     projs: Vec<ep_proj_desc>,
 }
 
+/// What a stage call's sink checks against: the layer's projections and the file.
+struct StageCheck<'a> {
+    lay: &'a Layer,
+    file: &'a [u8],
+    bad: bool,
+}
+
+/// Stage sink: bytes from the file must be the file's bytes of that expert/projection.
+unsafe extern "C" fn stage_check(
+    user: *mut std::ffi::c_void,
+    _layer: i32,
+    expert: i32,
+    slot: i32,
+    proj: i32,
+    src: *const std::ffi::c_void,
+    len: usize,
+) {
+    // SAFETY: user is the StageCheck the fuzz target passed, alive for the call.
+    let c = unsafe { &mut *user.cast::<StageCheck>() };
+    if slot >= 0 {
+        return; // ready in a slot: the request checks cover slot contents
+    }
+    let Some(pd) = c.lay.projs.get(proj as usize) else {
+        c.bad = true;
+        return;
+    };
+    let start = (pd.offset + expert as u64 * pd.expert_stride) as usize;
+    let want = &c.file[start..start + pd.expert_bytes as usize];
+    // SAFETY: src holds len bytes during the call (the sink contract).
+    let got = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
+    if got != want {
+        c.bad = true;
+    }
+}
+
 fn known(st: ep_status) -> bool {
     (-7..=2).contains(&st)
 }
@@ -84,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut layers: Vec<Layer> = Vec::new();
     while let Some(op) = inp.u8() {
-        match op % 6 {
+        match op % 8 {
             0 => {
                 // Register a layer with arbitrary shape (often invalid: must be refused).
                 let (Some(id), Some(ne), Some(ns), Some(np)) =
@@ -258,6 +293,70 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 // SAFETY: valid pool.
                 assert_eq!(unsafe { ep_pool_poll(pool) }, EP_OK);
+            }
+            5 => {
+                // Read-ahead for a stage call: arbitrary (often invalid) layers and ids.
+                let (Some(l), Some(n)) = (inp.u8(), inp.u8()) else {
+                    break;
+                };
+                let layer = layers
+                    .get(usize::from(l) % (layers.len() + 1))
+                    .map(|x| x.id)
+                    .unwrap_or(-1);
+                let ex: Vec<i32> = (0..n % 9)
+                    .map(|_| i32::from(inp.u8().unwrap_or(0) % 44) - 1)
+                    .collect();
+                let mut n_ahead = 0u32;
+                // SAFETY: ex is valid for its length.
+                let st = unsafe {
+                    ep_pool_stage_ahead(
+                        pool,
+                        layer,
+                        if ex.is_empty() {
+                            ptr::null()
+                        } else {
+                            ex.as_ptr()
+                        },
+                        ex.len(),
+                        &mut n_ahead,
+                    )
+                };
+                assert!(known(st));
+            }
+            6 => {
+                // A stage call: every expert handed over from the file must be the
+                // file's bytes of that expert and projection.
+                let (Some(l), Some(k), Some(n)) = (inp.u8(), inp.u8(), inp.u8()) else {
+                    break;
+                };
+                let Some(lay) = layers.get(usize::from(l) % layers.len().max(1)) else {
+                    continue;
+                };
+                let (n_used, n_tokens) = (usize::from(k % 4) + 1, usize::from(n % 6) + 1);
+                let ids: Vec<i32> = (0..n_used * n_tokens)
+                    .map(|_| i32::from(inp.u8().unwrap_or(0) % 40))
+                    .collect();
+                let mut seen = StageCheck {
+                    lay,
+                    file: &model().1,
+                    bad: false,
+                };
+                // SAFETY: ids holds n_tokens rows of n_used; the callback and `seen`
+                // outlive the call.
+                let st = unsafe {
+                    ep_pool_stage(
+                        pool,
+                        lay.id,
+                        ids.as_ptr(),
+                        n_used as u32,
+                        n_tokens as u32,
+                        n_used,
+                        Some(stage_check),
+                        (&mut seen as *mut StageCheck).cast(),
+                    )
+                };
+                assert!(known(st));
+                assert!(!seen.bad || st != EP_OK, "a stage call handed over wrong bytes");
             }
             _ => {
                 let cap = usize::from(inp.u8().unwrap_or(0));
