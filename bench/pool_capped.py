@@ -110,7 +110,7 @@ def llama_bench(binary, model, args, cap_mib, threads, reps=1):
     return res[0]["samples_ts"], peak, "", pool_reps
 
 
-def pool_summary(reps, n_layers, disk_bw):
+def pool_summary(reps, disk_bw):
     """Hit rate, expert bytes read per token and the I/O bound over some repetitions."""
     requests = sum(r["requests"] for r in reps)
     hits = sum(r["hits"] + r["inflight_hits"] for r in reps)
@@ -222,8 +222,8 @@ def main():
                 r["cold"] = samples[0]
                 r["warm"] = statistics.median(samples[-3:])
             if len(pool_reps) == reps:
-                r["cold_pool"] = pool_summary(pool_reps[:1], n_layers, disk_bw)
-                r.update(pool_summary(pool_reps[-3:], n_layers, disk_bw))
+                r["cold_pool"] = pool_summary(pool_reps[:1], disk_bw)
+                r.update(pool_summary(pool_reps[-3:], disk_bw))
             row[key] = r
         if not args.skip_prefill:
             # Prefill: three repetitions each; the pool's first one starts empty.

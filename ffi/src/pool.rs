@@ -781,6 +781,30 @@ impl Inner {
     }
 
     /// Starts the reads of one fill (queued; the caller submits).
+    /// Starts the reads (queued; the caller submits) of every projection of `expert` of
+    /// layer `li`, projection `p` tagged `tag(p)`. Returns how many started, and the
+    /// error that stopped the rest, if any.
+    fn start_expert_reads(
+        &mut self,
+        li: usize,
+        expert: u32,
+        tag: impl Fn(usize) -> u64,
+    ) -> (u32, Option<PoolError>) {
+        let mut started = 0;
+        for p in 0..self.layers[li].projs.len() {
+            let proj = &self.layers[li].projs[p];
+            let off = proj.offset + u64::from(expert) * proj.stride;
+            match self
+                .io
+                .start_read(&self.files[proj.file], off, proj.bytes, tag(p))
+            {
+                Ok(_) => started += 1,
+                Err(e) => return (started, Some(e)),
+            }
+        }
+        (started, None)
+    }
+
     fn start_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) {
         let fid = match self.free_fills.pop() {
             Some(i) => i,
@@ -799,24 +823,8 @@ impl Inner {
         if prefetch {
             self.prefetch_inflight += 1;
         }
-        let n_proj = self.layers[li].projs.len();
-        let mut started = 0;
-        let mut error = None;
-        for p in 0..n_proj {
-            let proj = &self.layers[li].projs[p];
-            let off = proj.offset + u64::from(order.expert) * proj.stride;
-            let tag = ((fid as u64) << 8) | p as u64;
-            match self
-                .io
-                .start_read(&self.files[proj.file], off, proj.bytes, tag)
-            {
-                Ok(_) => started += 1,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
+        let (started, error) =
+            self.start_expert_reads(li, order.expert, |p| ((fid as u64) << 8) | p as u64);
         let fill = self.fills[fid].as_mut().expect("fill just stored");
         fill.remaining += started;
         if let Some(e) = error {
@@ -1020,22 +1028,10 @@ impl Inner {
             }
             l.ahead_mark[e as usize] = true;
             started += 1;
-            for p in 0..self.layers[li].projs.len() {
-                let proj = &self.layers[li].projs[p];
-                let off = proj.offset + u64::from(e) * proj.stride;
-                let file = &self.files[proj.file];
-                match self
-                    .io
-                    .start_read(file, off, proj.bytes, ahead_tag(li, e, p))
-                {
-                    Ok(_) => self.layers[li].ahead_inflight[e as usize] += 1,
-                    Err(err) => {
-                        error = Some(err);
-                        break;
-                    }
-                }
-            }
-            if error.is_some() {
+            let (n, err) = self.start_expert_reads(li, e, |p| ahead_tag(li, e, p));
+            self.layers[li].ahead_inflight[e as usize] += n;
+            if err.is_some() {
+                error = err;
                 break;
             }
         }
@@ -1182,7 +1178,7 @@ impl Inner {
         let mut ahead_left = 0usize;
         // Announced experts this call needs, and the projections of them not yet in.
         let mut ahead_needed = vec![false; self.layers[li].ahead_mark.len()];
-        'start: for (i, &e) in experts.iter().enumerate() {
+        for (i, &e) in experts.iter().enumerate() {
             if self.layers[li].ahead_mark[e as usize] {
                 // Read ahead (in flight, or done and waiting in ahead_done).
                 ahead_needed[e as usize] = true;
@@ -1190,20 +1186,12 @@ impl Inner {
                 self.layers[li].counters.stage_ahead_used += 1;
                 continue;
             }
-            for p in 0..n_projs {
-                let proj = &self.layers[li].projs[p];
-                let off = proj.offset + u64::from(e) * proj.stride;
-                let tag = STAGE_TAG | ((i as u64) << 8) | p as u64;
-                match self
-                    .io
-                    .start_read(&self.files[proj.file], off, proj.bytes, tag)
-                {
-                    Ok(_) => outstanding += 1,
-                    Err(err) => {
-                        error = Some(err);
-                        break 'start;
-                    }
-                }
+            let (n, err) =
+                self.start_expert_reads(li, e, |p| STAGE_TAG | ((i as u64) << 8) | p as u64);
+            outstanding += n as usize;
+            if err.is_some() {
+                error = err;
+                break;
             }
         }
         if let Err(e) = self.io.submit() {

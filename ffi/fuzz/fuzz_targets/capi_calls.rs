@@ -52,6 +52,29 @@ struct Layer {
     projs: Vec<ep_proj_desc>,
 }
 
+/// A layer id (one of the registered layers, or -1) and up to `max - 1` expert ids
+/// (-1..=42, often out of range) from the input; None when the input ran out.
+fn layer_and_experts(inp: &mut Input, layers: &[Layer], max: u8) -> Option<(i32, Vec<i32>)> {
+    let (l, n) = (inp.u8()?, inp.u8()?);
+    let layer = layers
+        .get(usize::from(l) % (layers.len() + 1))
+        .map(|x| x.id)
+        .unwrap_or(-1);
+    let ex = (0..n % max)
+        .map(|_| i32::from(inp.u8().unwrap_or(0) % 44) - 1)
+        .collect();
+    Some((layer, ex))
+}
+
+/// The slice's pointer, or NULL for an empty one (what a C caller passes).
+fn ptr_or_null(ex: &[i32]) -> *const i32 {
+    if ex.is_empty() {
+        ptr::null()
+    } else {
+        ex.as_ptr()
+    }
+}
+
 /// What a stage call's sink checks against: the layer's projections and the file.
 struct StageCheck<'a> {
     lay: &'a Layer,
@@ -263,30 +286,13 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             3 => {
-                let (Some(l), Some(n)) = (inp.u8(), inp.u8()) else {
+                let Some((layer, ex)) = layer_and_experts(&mut inp, &layers, 6) else {
                     break;
                 };
-                let layer = layers
-                    .get(usize::from(l) % (layers.len() + 1))
-                    .map(|x| x.id)
-                    .unwrap_or(-1);
-                let ex: Vec<i32> = (0..n % 6)
-                    .map(|_| i32::from(inp.u8().unwrap_or(0) % 44) - 1)
-                    .collect();
                 let mut started = 0u32;
-                // SAFETY: ex is valid for its length.
+                // SAFETY: the pointer is valid for ex.len() reads (NULL when empty).
                 let st = unsafe {
-                    ep_pool_prefetch(
-                        pool,
-                        layer,
-                        if ex.is_empty() {
-                            ptr::null()
-                        } else {
-                            ex.as_ptr()
-                        },
-                        ex.len(),
-                        &mut started,
-                    )
+                    ep_pool_prefetch(pool, layer, ptr_or_null(&ex), ex.len(), &mut started)
                 };
                 assert!(known(st));
             }
@@ -296,30 +302,13 @@ fuzz_target!(|data: &[u8]| {
             }
             5 => {
                 // Read-ahead for a stage call: arbitrary (often invalid) layers and ids.
-                let (Some(l), Some(n)) = (inp.u8(), inp.u8()) else {
+                let Some((layer, ex)) = layer_and_experts(&mut inp, &layers, 9) else {
                     break;
                 };
-                let layer = layers
-                    .get(usize::from(l) % (layers.len() + 1))
-                    .map(|x| x.id)
-                    .unwrap_or(-1);
-                let ex: Vec<i32> = (0..n % 9)
-                    .map(|_| i32::from(inp.u8().unwrap_or(0) % 44) - 1)
-                    .collect();
                 let mut n_ahead = 0u32;
-                // SAFETY: ex is valid for its length.
+                // SAFETY: the pointer is valid for ex.len() reads (NULL when empty).
                 let st = unsafe {
-                    ep_pool_stage_ahead(
-                        pool,
-                        layer,
-                        if ex.is_empty() {
-                            ptr::null()
-                        } else {
-                            ex.as_ptr()
-                        },
-                        ex.len(),
-                        &mut n_ahead,
-                    )
+                    ep_pool_stage_ahead(pool, layer, ptr_or_null(&ex), ex.len(), &mut n_ahead)
                 };
                 assert!(known(st));
             }
@@ -356,7 +345,10 @@ fuzz_target!(|data: &[u8]| {
                     )
                 };
                 assert!(known(st));
-                assert!(!seen.bad || st != EP_OK, "a stage call handed over wrong bytes");
+                assert!(
+                    !seen.bad || st != EP_OK,
+                    "a stage call handed over wrong bytes"
+                );
             }
             _ => {
                 let cap = usize::from(inp.u8().unwrap_or(0));
