@@ -399,6 +399,10 @@ pub struct IoEngine {
     unsubmitted: usize,
     events: Vec<Event>,
     spare_bufs: Vec<AlignedBuf>,
+    /// Bytes of the buffers in `spare_bufs`.
+    spare_bytes: usize,
+    /// Bytes of the buffers reads hold (started, not released).
+    held_bytes: usize,
     /// Why io_uring is not used, if it was wanted.
     pub uring_refused: Option<String>,
     /// Faults to apply to the next completions, in order.
@@ -409,12 +413,14 @@ pub struct IoEngine {
 /// Queue depth used when the caller gives 0.
 pub const DEFAULT_QUEUE_DEPTH: u32 = 256;
 
-/// Buffers kept for reuse at most. A stage call has every projection of up to all of a
-/// layer's experts in flight at once (e.g. 3 x 128 reads); freeing all but a few of those
-/// buffers afterwards made the next layer allocate and fault them in again (pp128 under
-/// a 1024 MiB cap: 15% slower with 64 than with 1024, bench/RESULTS.md). What is kept
-/// never exceeds what was in flight at once, so the memory peak does not grow.
-const MAX_SPARE_BUFS: usize = 1024;
+/// Released read buffers are kept for reuse while the buffers reads hold plus those kept
+/// stay within this many bytes. Staging reads many buffers per layer; freeing them made
+/// the next layer allocate and fault them in again (pp128 under a 1024 MiB cap: 15%
+/// slower, bench/RESULTS.md), while keeping every one left a few hundred MiB resident
+/// after a prompt, memory the slots could have had. With the pool's bound on what
+/// staging reads hold at once ([`crate::pool::STAGE_READ_BUDGET`]) the buffers are
+/// allocated once and reused.
+pub const MAX_READ_MEMORY: usize = 128 << 20;
 
 const CHUNK_BITS: u32 = 16;
 
@@ -443,6 +449,8 @@ impl IoEngine {
             unsubmitted: 0,
             events: Vec::new(),
             spare_bufs: Vec::new(),
+            spare_bytes: 0,
+            held_bytes: 0,
             uring_refused,
             faults: Default::default(),
             cqe_scratch: Vec::new(),
@@ -475,6 +483,11 @@ impl IoEngine {
     /// SQEs queued or submitted whose completion has not been reaped.
     pub fn pending(&self) -> usize {
         self.in_kernel
+    }
+
+    /// Bytes of read buffers held by reads that were started and not yet released.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Starts reading `len` bytes at `offset` of `file`. With io_uring the read is
@@ -526,6 +539,7 @@ impl IoEngine {
                 "read of {len} bytes is too large"
             )));
         }
+        self.held_bytes += buf.capacity();
         let op = ReadOp {
             direct_fd: file.direct.as_ref().map_or(-1, |d| d.as_raw_fd()),
             buffered_fd: file.file.as_raw_fd(),
@@ -592,7 +606,10 @@ impl IoEngine {
     pub fn release(&mut self, id: OpId) {
         if let Some(op) = self.ops[id].take() {
             debug_assert_eq!(op.in_kernel, 0);
-            if self.spare_bufs.len() < MAX_SPARE_BUFS {
+            let cap = op.buf.capacity();
+            self.held_bytes -= cap;
+            if self.held_bytes + self.spare_bytes + cap <= MAX_READ_MEMORY {
+                self.spare_bytes += cap;
                 self.spare_bufs.push(op.buf);
             }
             self.free_ops.push(id);
@@ -890,7 +907,9 @@ impl IoEngine {
 
     fn get_buf(&mut self, len: usize) -> Result<AlignedBuf> {
         if let Some(i) = self.spare_bufs.iter().position(|b| b.capacity() >= len) {
-            return Ok(self.spare_bufs.swap_remove(i));
+            let b = self.spare_bufs.swap_remove(i);
+            self.spare_bytes -= b.capacity();
+            return Ok(b);
         }
         AlignedBuf::new(len)
     }

@@ -46,6 +46,15 @@ pub const MAX_PROJ: usize = 4;
 /// Default limit of prefetch fills in flight.
 pub const DEFAULT_MAX_PREFETCH_INFLIGHT: u32 = 64;
 
+/// Bytes a stage call's own reads hold at most, and bytes of read buffers in use beyond
+/// which read-ahead announces no more experts. A stage call starts its reads as their
+/// buffers come back rather than all at once (and always one when none of its own is
+/// out, so any expert size makes progress); read-ahead for the next layer may be out at
+/// the same time, so staging holds at most about twice this. Before the bound, a
+/// 128-token prompt on the bench model held ~265 MiB of read and copy buffers at its
+/// peak, which a memory budget must leave free of slots (bench/RESULTS.md).
+pub const STAGE_READ_BUDGET: usize = 64 << 20;
+
 /// How to build a pool.
 pub struct PoolConfig {
     /// Eviction policy of every layer.
@@ -56,6 +65,9 @@ pub struct PoolConfig {
     pub queue_depth: u32,
     /// Prefetch fills in flight at most (0: default 64).
     pub max_prefetch_inflight: u32,
+    /// Bytes of read buffers stage calls and read-ahead hold at most (0: default
+    /// [`STAGE_READ_BUDGET`]).
+    pub stage_read_budget: usize,
     /// Stats file rewritten by a background thread; `None` for none.
     pub stats_path: Option<PathBuf>,
     /// Minimum interval between stats file writes (0: 1000 ms).
@@ -74,6 +86,7 @@ impl Default for PoolConfig {
             io_mode: IoMode::Auto,
             queue_depth: 0,
             max_prefetch_inflight: 0,
+            stage_read_budget: 0,
             stats_path: None,
             stats_interval_ms: 0,
             log: None,
@@ -210,6 +223,7 @@ struct Inner {
     policy: PolicyKind,
     io_mode: IoMode,
     max_prefetch_inflight: usize,
+    stage_read_budget: usize,
     files: Vec<ModelFile>,
     layers: Vec<Layer>,
     /// Engine layer index -> index into `layers` (NONE if unregistered).
@@ -250,6 +264,11 @@ impl Pool {
         let mut inner = Inner {
             policy: cfg.policy,
             io_mode: cfg.io_mode,
+            stage_read_budget: if cfg.stage_read_budget == 0 {
+                STAGE_READ_BUDGET
+            } else {
+                cfg.stage_read_budget
+            },
             max_prefetch_inflight: if cfg.max_prefetch_inflight == 0 {
                 DEFAULT_MAX_PREFETCH_INFLIGHT as usize
             } else {
@@ -487,6 +506,12 @@ impl Pool {
     /// Reads in flight (submitted, not reaped).
     pub fn reads_in_flight(&self) -> Result<usize> {
         Ok(self.lock()?.io.pending())
+    }
+
+    /// Bytes of read buffers held by reads not yet released (in flight, or read ahead
+    /// and not yet handed over).
+    pub fn read_buffers_held(&self) -> Result<usize> {
+        Ok(self.lock()?.io.held_bytes())
     }
 }
 
@@ -1026,6 +1051,11 @@ impl Inner {
             if ready || l.ahead_mark[e as usize] || l.ahead_inflight[e as usize] > 0 {
                 continue;
             }
+            if self.io.held_bytes() >= self.stage_read_budget {
+                // The rest is read by the stage call, within the same bound.
+                break;
+            }
+            let l = &mut self.layers[li];
             l.ahead_mark[e as usize] = true;
             started += 1;
             let (n, err) = self.start_expert_reads(li, e, |p| ahead_tag(li, e, p));
@@ -1178,35 +1208,50 @@ impl Inner {
         let mut ahead_left = 0usize;
         // Announced experts this call needs, and the projections of them not yet in.
         let mut ahead_needed = vec![false; self.layers[li].ahead_mark.len()];
+        // The others, by index in `experts`: read here, started within the budget, and
+        // the bytes of those started and not yet handed over.
+        let mut to_start = std::collections::VecDeque::new();
+        let mut own_bytes = 0usize;
+        let budget = self.stage_read_budget;
         for (i, &e) in experts.iter().enumerate() {
             if self.layers[li].ahead_mark[e as usize] {
                 // Read ahead (in flight, or done and waiting in ahead_done).
                 ahead_needed[e as usize] = true;
                 ahead_left += n_projs;
                 self.layers[li].counters.stage_ahead_used += 1;
-                continue;
+            } else {
+                to_start.push_back(i);
             }
-            let (n, err) =
-                self.start_expert_reads(li, e, |p| STAGE_TAG | ((i as u64) << 8) | p as u64);
-            outstanding += n as usize;
-            if err.is_some() {
-                error = err;
-                break;
-            }
-        }
-        if let Err(e) = self.io.submit() {
-            error.get_or_insert(e);
         }
         // Each projection is handed over as soon as it is in, so read buffers recycle
         // and the engine's copies overlap the remaining reads.
         loop {
+            while error.is_none() && (own_bytes < budget || outstanding == 0) {
+                let Some(i) = to_start.pop_front() else { break };
+                let (n, err) = self.start_expert_reads(li, experts[i], |p| {
+                    STAGE_TAG | ((i as u64) << 8) | p as u64
+                });
+                outstanding += n as usize;
+                let projs = &self.layers[li].projs[..n as usize];
+                own_bytes += projs.iter().map(|p| p.bytes).sum::<usize>();
+                if err.is_some() {
+                    error = err;
+                }
+            }
+            if let Err(e) = self.io.submit() {
+                error.get_or_insert(e);
+            }
             self.process_finished();
             self.route_ahead();
-            let (mut ready, keep): (Vec<_>, Vec<_>) =
+            let (mut ready, unneeded): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.layers[li].ahead_done)
                     .into_iter()
                     .partition(|(e, ..)| ahead_needed[*e as usize]);
-            self.layers[li].ahead_done = keep; // announced, not needed: released by the caller
+            // Announced but not needed by this call: the announcement ends with it, and
+            // the buffers go back now (they count against the budget).
+            for (_, _, op, _) in unneeded {
+                self.io.release(op);
+            }
             ahead_left -= ready.len();
             for (op, tag, result) in std::mem::take(&mut self.stage_done) {
                 outstanding -= 1;
@@ -1214,6 +1259,7 @@ impl Inner {
                 if let Ok(()) = &result {
                     self.layers[li].counters.bytes_read += self.io.data(op).len() as u64;
                 }
+                own_bytes -= self.io.data(op).len();
                 ready.push((experts[i], p, op, result));
             }
             for (expert, proj, op, result) in ready {
@@ -1235,8 +1281,13 @@ impl Inner {
                 }
                 self.io.release(op);
             }
-            if outstanding == 0 && ahead_left == 0 {
+            if outstanding == 0 && ahead_left == 0 && (to_start.is_empty() || error.is_some()) {
                 break;
+            }
+            let can_start =
+                error.is_none() && !to_start.is_empty() && (own_bytes < budget || outstanding == 0);
+            if can_start {
+                continue;
             }
             if self.io.pending() == 0 && !self.io.has_completions() {
                 error.get_or_insert(PoolError::Internal(

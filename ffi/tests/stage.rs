@@ -280,3 +280,71 @@ fn trace_records_requests_and_stages_token_major() {
     assert_eq!(t.get(2, 0), &[9, 10]);
     assert_eq!(t.get(2, 1), &[13, 14]);
 }
+
+/// With a read budget of one byte, read-ahead announces one expert at a time and a stage
+/// call reads one projection at a time; every byte still arrives, and no buffer stays
+/// held after the call.
+fn run_budget(mode: IoMode) {
+    let m = model();
+    let p = Pool::new(PoolConfig {
+        io_mode: mode,
+        policy: PolicyKind::Lru,
+        queue_depth: 8,
+        stage_read_budget: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let f = p.add_file(m.path()).unwrap();
+    p.add_layer(
+        &LayerSpec {
+            layer: 1,
+            n_experts: N_EXPERTS,
+            n_slots: N_SLOTS,
+            projs: m.specs(0, f),
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        p.stage_ahead(1, &[5, 6, 7]).unwrap(),
+        1,
+        "the first expert's reads fill the budget"
+    );
+    let ids: Vec<i32> = (0..20).collect();
+    let got = stage(&p, 1, &ids, 4, 5).unwrap();
+    assert_eq!(got.from_file.len(), 20 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(
+            bytes == m.expert(0, *proj, *e),
+            "expert {e} proj {proj}: bytes differ"
+        );
+    }
+    let c = p.counters(Some(1)).unwrap();
+    assert_eq!((c.stage_ahead, c.stage_ahead_used), (1, 1));
+    assert_eq!(p.read_buffers_held().unwrap(), 0);
+}
+
+#[test]
+fn stage_within_a_read_budget_uring_direct() {
+    run_budget(IoMode::Auto);
+}
+
+#[test]
+fn stage_within_a_read_budget_pread() {
+    run_budget(IoMode::Pread);
+}
+
+#[test]
+fn no_read_buffer_is_held_after_stage_calls() {
+    let m = model();
+    let p = pool(&m, IoMode::Auto, None);
+    p.stage_ahead(1, &[5, 6, 30]).unwrap();
+    stage(&p, 1, &[5, 6, 7, 8], 2, 2).unwrap();
+    // 30 was announced and not needed: released when its reads finish.
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+    p.stage_ahead(3, &[1, 2]).unwrap();
+    stage(&p, 3, &[1, 2], 2, 1).unwrap();
+    assert_eq!(p.read_buffers_held().unwrap(), 0);
+}

@@ -1022,34 +1022,43 @@ fn place(
     }
 }
 
-/// ", plus a staging area of one layer's experts (N)" when the slots are fewer than the
-/// experts, else "".
+/// ", plus ... read buffers" and, when the slots are fewer than the experts, the staging
+/// area of one layer's experts.
 fn staging_note(m: &Model, slots: u32) -> String {
     if slots < m.n_exp {
         format!(
-            ", plus a staging area of one layer's experts ({}) for prompts",
-            human_bytes(m.staging())
+            ", plus a staging area of one layer's experts ({}) for prompts and read buffers ({})",
+            human_bytes(m.staging()),
+            human_bytes(POOL_IO_BYTES)
         )
     } else {
-        String::new()
+        format!(", plus read buffers ({})", human_bytes(POOL_IO_BYTES))
     }
 }
 
+/// Read and conversion buffers the engine's pool holds at most besides its slots and
+/// staging area: the pool keeps at most 128 MiB of read buffers (`MAX_READ_MEMORY` in
+/// `ffi/src/io.rs`, with staging reads bounded by `STAGE_READ_BUDGET` in
+/// `ffi/src/pool.rs`) and the engine's conversion queue at most 64 MiB (patch 0002).
+pub const POOL_IO_BYTES: u64 = 192 << 20;
+
 /// Slots per layer the pool gets from `avail` bytes of RAM: (slots, bytes the pool holds,
-/// whether at least `min_slots` fit). With fewer slots than experts the engine also keeps
-/// a staging area of one layer's experts (prompts too large for the slots are computed
-/// from it), which comes out of `avail` first.
+/// whether at least `min_slots` fit). The pool's read and conversion buffers
+/// ([`POOL_IO_BYTES`]) come out of `avail` first; with fewer slots than experts the
+/// engine also keeps a staging area of one layer's experts (prompts too large for the
+/// slots are computed from it).
 fn ram_slots(m: &Model, avail: u64, min_slots: u32) -> (u32, u64, bool) {
     let one = m.one_expert_all_layers.max(1);
+    let avail = avail.saturating_sub(POOL_IO_BYTES);
     if avail / one >= u64::from(m.n_exp) {
-        return (m.n_exp, u64::from(m.n_exp) * one, true);
+        return (m.n_exp, u64::from(m.n_exp) * one + POOL_IO_BYTES, true);
     }
     let staging = m.staging();
     let fit_slots = (avail.saturating_sub(staging) / one).min(u64::from(m.n_exp)) as u32;
     let slots = fit_slots.max(min_slots);
     (
         slots,
-        u64::from(slots) * one + staging,
+        u64::from(slots) * one + staging + POOL_IO_BYTES,
         fit_slots >= min_slots,
     )
 }
