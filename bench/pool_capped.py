@@ -21,7 +21,7 @@ Needs root (cgroups, drop_caches), fio, the built engines (expertd engine build,
 --stock). Prints a table and writes JSON to bench/out/pool_capped.json.
 
 Usage: bench/pool_capped.py [--caps 1024,1536,2048,0] [--tokens 64] [--prompt 128]
-                            [--model PATH] [--threads 2] [--reserve-mib 300] [--prefetch on,off]
+                            [--model PATH] [--threads 2] [--reserve-mib 220] [--prefetch on,off]
                             [--reps 6] [--reps-uncapped 12] [--out FILE]
 """
 
@@ -144,9 +144,10 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--model", default=str(ROOT / "target/bench/bench.gguf"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reserve-mib", type=int, default=300,
-                    help="memory kept for compute buffers, KV, the binary and page-cache headroom, "
-                         "besides the non-expert weights and the staging area")
+    ap.add_argument("--reserve-mib", type=int, default=220,
+                    help="memory kept for the pool's read and conversion buffers (bounded), compute "
+                         "buffers, KV, the binary and page-cache headroom, besides the non-expert "
+                         "weights and the staging area")
     ap.add_argument("--policy", default=None)
     ap.add_argument("--prefetch", default="on,off", help="pool runs: prefetch on, off, or both")
     ap.add_argument("--skip-prefill", action="store_true")
