@@ -23,14 +23,12 @@ summarise() {
   python3 -c '
 import json, sys
 text = sys.stdin.read()
-reps, js = [], None
+reps = []
 for line in text.splitlines():
     if line.startswith("expert-pool-rep: "):
         j = json.loads(line[len("expert-pool-rep: "):])
         n = j["n_prompt"] + j["n_gen"]
         reps.append("%.1f/%.1f" % (j["stall_ns"] / 1e6 / n, (j["t_ns"] - j["stall_ns"]) / 1e6 / n))
-    elif line.startswith("[") and js is None:
-        js = line
 start = text.find("[\n")
 res = json.loads(text[start:text.rindex("]") + 1]) if start >= 0 else []
 ts = res[0]["samples_ts"] if res else []

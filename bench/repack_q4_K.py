@@ -24,10 +24,12 @@ REL = "ggml/src/ggml-cpu/repack.cpp"
 
 # Stand-ins for the ggml declarations the extracted code uses (same layouts).
 PRELUDE = r"""
+#include <algorithm>
 #include <cassert>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -147,7 +149,7 @@ def main():
     ap.add_argument("--patched-src", default=os.path.join(ROOT, "target/engine-work/patched/src"))
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    code = (PRELUDE + "#include <algorithm>\n#include <cstdlib>\n"
+    code = (PRELUDE
             + "namespace stock {\n" + extract(a.stock_src) + "}\n"
             + "namespace patched {\n" + extract(a.patched_src) + "}\n" + MAIN)
     with tempfile.TemporaryDirectory() as d:

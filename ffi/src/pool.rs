@@ -805,7 +805,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Starts the reads of one fill (queued; the caller submits).
     /// Starts the reads (queued; the caller submits) of every projection of `expert` of
     /// layer `li`, projection `p` tagged `tag(p)`. Returns how many started, and the
     /// error that stopped the rest, if any.
@@ -830,6 +829,7 @@ impl Inner {
         (started, None)
     }
 
+    /// Starts the reads of one fill (queued; the caller submits).
     fn start_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) {
         let fid = match self.free_fills.pop() {
             Some(i) => i,
@@ -1188,9 +1188,10 @@ impl Inner {
         res
     }
 
-    /// Reads every projection of `experts` of layer `li` as one batch and hands the
-    /// bytes to `sink`; experts announced by `stage_ahead` come from their read-ahead
-    /// reads instead. Waits for every read it needs, even after an error.
+    /// Reads every projection of `experts` of layer `li`, at most `stage_read_budget`
+    /// bytes of them out at once, and hands the bytes to `sink`; experts announced by
+    /// `stage_ahead` come from their read-ahead reads instead. Waits for every read it
+    /// needs, even after an error.
     fn stage_reads(
         &mut self,
         li: usize,
@@ -1213,6 +1214,8 @@ impl Inner {
         let mut to_start = std::collections::VecDeque::new();
         let mut own_bytes = 0usize;
         let budget = self.stage_read_budget;
+        // Another read may start: within the budget, or the first when none is out.
+        let room = |own_bytes: usize, outstanding: usize| own_bytes < budget || outstanding == 0;
         for (i, &e) in experts.iter().enumerate() {
             if self.layers[li].ahead_mark[e as usize] {
                 // Read ahead (in flight, or done and waiting in ahead_done).
@@ -1226,7 +1229,7 @@ impl Inner {
         // Each projection is handed over as soon as it is in, so read buffers recycle
         // and the engine's copies overlap the remaining reads.
         loop {
-            while error.is_none() && (own_bytes < budget || outstanding == 0) {
+            while error.is_none() && room(own_bytes, outstanding) {
                 let Some(i) = to_start.pop_front() else { break };
                 let (n, err) = self.start_expert_reads(li, experts[i], |p| {
                     STAGE_TAG | ((i as u64) << 8) | p as u64
@@ -1284,9 +1287,7 @@ impl Inner {
             if outstanding == 0 && ahead_left == 0 && (to_start.is_empty() || error.is_some()) {
                 break;
             }
-            let can_start =
-                error.is_none() && !to_start.is_empty() && (own_bytes < budget || outstanding == 0);
-            if can_start {
+            if error.is_none() && !to_start.is_empty() && room(own_bytes, outstanding) {
                 continue;
             }
             if self.io.pending() == 0 && !self.io.has_completions() {
