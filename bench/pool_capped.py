@@ -14,8 +14,9 @@ first is reported as the cold start and the median of the last three as warm
 pool's counters for every repetition, so the hit rate and the bytes read are those of
 the repetitions reported.
 The disk's random-read bandwidth for expert-sized reads is measured in the same run
-(fio, io_uring, O_DIRECT, depth 8, on the model file), and the I/O bound of each pool
-run is that bandwidth over the expert bytes it read per decoded token.
+(fio, io_uring, O_DIRECT, depth 8, on the model file; the faster of fio's default
+buffers and huge-page buffers, which read faster on a virtualised disk), and the I/O bound
+of each pool run is that bandwidth over the expert bytes it read per decoded token.
 
 Needs root (cgroups, drop_caches), fio, the built engines (expertd engine build, and
 --stock). Prints a table and writes JSON to bench/out/pool_capped.json.
@@ -127,14 +128,29 @@ def pool_summary(reps, disk_bw):
     }
 
 
-def fio_bandwidth(model, block_kib, seconds=5):
+def fio_bandwidth(model, block_kib, seconds=5, mem=None):
     drop_caches()
     out = sh(["fio", "--name=rr", f"--filename={model}", "--rw=randread", f"--bs={block_kib}k",
               "--blockalign=4k", "--ioengine=io_uring", "--direct=1", "--iodepth=8",
-              f"--runtime={seconds}", "--time_based", "--output-format=json", "--readonly"])
+              f"--runtime={seconds}", "--time_based", "--output-format=json", "--readonly"]
+             + ([f"--mem={mem}"] if mem else []))
     if out.returncode != 0:
         return None
     return json.loads(out.stdout)["jobs"][0]["read"]["bw"] * 1024  # bytes/s
+
+
+def best_fio_bandwidth(model, block_kib):
+    """(best, default buffers, huge-page buffers) in bytes/s: fio with its default
+    buffers and with huge-page ones (vm.nr_hugepages raised for the run, then restored)."""
+    plain = fio_bandwidth(model, block_kib)
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    old = nr.read_text().strip()
+    try:
+        nr.write_text(str(int(old) + 32))
+        huge = fio_bandwidth(model, block_kib, mem="shmhuge")
+    finally:
+        nr.write_text(old)
+    return max(plain or 0, huge or 0) or None, plain, huge
 
 
 def main():
@@ -178,10 +194,12 @@ def main():
         if not b.exists():
             sys.exit(f"{b} is missing: expertd engine build [--stock]")
 
-    disk_bw = fio_bandwidth(model, int(expert_bytes / 1024))
+    disk_bw, fio_plain, fio_huge = best_fio_bandwidth(model, int(expert_bytes / 1024))
     print(f"# model {model.name}: {model_mib:.0f} MiB, {n_layers} layers x {n_expert} experts of "
           f"{expert_bytes / 2**20:.2f} MiB; non-expert {non_expert_mib:.0f} MiB; staging {staging_mib:.0f} MiB")
-    print(f"# disk: {disk_bw / 2**30:.2f} GiB/s random {expert_bytes / 1024:.0f} KiB O_DIRECT reads (fio, io_uring, depth 8)")
+    gib = lambda b: f"{b / 2**30:.2f}" if b else "failed"
+    print(f"# disk: {disk_bw / 2**30:.2f} GiB/s random {expert_bytes / 1024:.0f} KiB O_DIRECT reads (fio, io_uring, depth 8; "
+          f"default buffers {gib(fio_plain)}, huge-page buffers {gib(fio_huge)})")
 
     rows = []
     stock_uncapped = None
@@ -269,7 +287,8 @@ def main():
                   f"| {f(r.get('stock_pp'), '{:.1f}')} | {f(r.get('pool_pp'), '{:.1f}')} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model), "disk_bytes_per_s": disk_bw, "args": vars(args), "rows": rows}, indent=1))
+    out.write_text(json.dumps({"model": str(model), "disk_bytes_per_s": disk_bw,
+                               "fio_default_buffers": fio_plain, "fio_huge_buffers": fio_huge, "args": vars(args), "rows": rows}, indent=1))
     print(f"\n# wrote {out}")
 
 

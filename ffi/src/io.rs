@@ -10,6 +10,8 @@
 //!   file before the wanted bytes is an error ([`PoolError::ShortFile`]).
 //! - A read completes once the wanted bytes are in (an aligned read may end short at
 //!   the end of the file without harm).
+//! - Read buffers come from the engine's [`Arena`] (huge pages, given back on release)
+//!   or, when it has no room, from the heap (freed on release).
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -21,6 +23,7 @@ use std::ptr::NonNull;
 
 use io_uring::{IoUring, opcode, types};
 
+use crate::arena::{Arena, ArenaBuf};
 use crate::error::{PoolError, Result};
 
 /// Alignment of O_DIRECT offsets, lengths and buffers. 4096 satisfies every common
@@ -120,6 +123,47 @@ impl Drop for AlignedBuf {
                 self.ptr.as_ptr(),
                 Layout::from_size_align_unchecked(self.cap, DIRECT_ALIGN),
             )
+        }
+    }
+}
+
+/// A read's destination: a range of the engine's [`Arena`], or heap memory when the
+/// arena has no room.
+enum ReadBuf {
+    Arena(ArenaBuf),
+    Heap(AlignedBuf),
+}
+
+impl ReadBuf {
+    fn capacity(&self) -> usize {
+        match self {
+            ReadBuf::Arena(b) => b.len(),
+            ReadBuf::Heap(b) => b.capacity(),
+        }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        match self {
+            ReadBuf::Arena(b) => b.as_ptr(),
+            ReadBuf::Heap(b) => b.as_mut_ptr(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            // SAFETY: the range belongs to this buffer alone while it is out of the
+            // arena, lies inside the arena's mapping (alive as long as the engine that
+            // owns both), and is initialised (the mapping starts zeroed).
+            ReadBuf::Arena(b) => unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) },
+            ReadBuf::Heap(b) => b.as_slice(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            // SAFETY: as in as_slice, and &mut self gives exclusive access.
+            ReadBuf::Arena(b) => unsafe { std::slice::from_raw_parts_mut(b.as_ptr(), b.len()) },
+            ReadBuf::Heap(b) => b.as_mut_slice(),
         }
     }
 }
@@ -314,7 +358,7 @@ struct ReadOp {
     /// cannot read at an unaligned position).
     buffered_fd: RawFd,
     name: String,
-    buf: AlignedBuf,
+    buf: ReadBuf,
     /// File offset of buf[0].
     base: u64,
     /// The wanted bytes are buf[want_start..want_start + want_len].
@@ -398,9 +442,8 @@ pub struct IoEngine {
     /// Of those, entries still in the submission queue.
     unsubmitted: usize,
     events: Vec<Event>,
-    spare_bufs: Vec<AlignedBuf>,
-    /// Bytes of the buffers in `spare_bufs`.
-    spare_bytes: usize,
+    /// Where read buffers come from (None if it could not be mapped: then the heap).
+    arena: Option<Arena>,
     /// Bytes of the buffers reads hold (started, not released).
     held_bytes: usize,
     /// Why io_uring is not used, if it was wanted.
@@ -413,13 +456,14 @@ pub struct IoEngine {
 /// Queue depth used when the caller gives 0.
 pub const DEFAULT_QUEUE_DEPTH: u32 = 256;
 
-/// Released read buffers are kept for reuse while the buffers reads hold plus those kept
-/// stay within this many bytes. Staging reads many buffers per layer; freeing them made
-/// the next layer allocate and fault them in again (pp128 under a 1024 MiB cap: 15%
-/// slower, bench/RESULTS.md), while keeping every one left a few hundred MiB resident
-/// after a prompt, memory the slots could have had. With the pool's bound on what
-/// staging reads hold at once ([`crate::pool::STAGE_READ_BUDGET`]) the buffers are
-/// allocated once and reused.
+/// Size of the engine's [`Arena`], the memory read buffers come from and go back to:
+/// what stays resident for reads is at most this. Staging reads many buffers per layer;
+/// freeing them made the next layer allocate and fault them in again (pp128 under a
+/// 1024 MiB cap: 15% slower, bench/RESULTS.md), while keeping every one left a few
+/// hundred MiB resident after a prompt, memory the slots could have had. With the pool's
+/// bound on what staging reads hold at once ([`crate::pool::STAGE_READ_BUDGET`]) the
+/// arena's memory is faulted in once and reused. A read that finds no room in the arena
+/// gets heap memory, freed when it is released.
 pub const MAX_READ_MEMORY: usize = 128 << 20;
 
 const CHUNK_BITS: u32 = 16;
@@ -448,8 +492,7 @@ impl IoEngine {
             in_kernel: 0,
             unsubmitted: 0,
             events: Vec::new(),
-            spare_bufs: Vec::new(),
-            spare_bytes: 0,
+            arena: Arena::new(MAX_READ_MEMORY),
             held_bytes: 0,
             uring_refused,
             faults: Default::default(),
@@ -602,15 +645,18 @@ impl IoEngine {
         &op.buf.as_slice()[op.want_start..op.want_start + op.want_len]
     }
 
-    /// Releases a finished read and recycles its buffer.
+    /// Releases a finished read and gives its buffer back.
     pub fn release(&mut self, id: OpId) {
         if let Some(op) = self.ops[id].take() {
             debug_assert_eq!(op.in_kernel, 0);
-            let cap = op.buf.capacity();
-            self.held_bytes -= cap;
-            if self.held_bytes + self.spare_bytes + cap <= MAX_READ_MEMORY {
-                self.spare_bytes += cap;
-                self.spare_bufs.push(op.buf);
+            self.held_bytes -= op.buf.capacity();
+            match op.buf {
+                ReadBuf::Arena(b) => self
+                    .arena
+                    .as_mut()
+                    .expect("arena buffers come from the arena")
+                    .free(b),
+                ReadBuf::Heap(b) => drop(b),
             }
             self.free_ops.push(id);
         }
@@ -905,13 +951,11 @@ impl IoEngine {
         }
     }
 
-    fn get_buf(&mut self, len: usize) -> Result<AlignedBuf> {
-        if let Some(i) = self.spare_bufs.iter().position(|b| b.capacity() >= len) {
-            let b = self.spare_bufs.swap_remove(i);
-            self.spare_bytes -= b.capacity();
-            return Ok(b);
+    fn get_buf(&mut self, len: usize) -> Result<ReadBuf> {
+        match self.arena.as_mut().and_then(|a| a.alloc(len)) {
+            Some(b) => Ok(ReadBuf::Arena(b)),
+            None => Ok(ReadBuf::Heap(AlignedBuf::new(len)?)),
         }
-        AlignedBuf::new(len)
     }
 
     /// Waits for every submitted read (used before dropping buffers).
@@ -931,13 +975,14 @@ impl Drop for IoEngine {
     fn drop(&mut self) {
         self.drain();
         if self.in_kernel > 0 {
-            // The kernel may still write into these buffers: leak them rather than
-            // free memory under a pending read.
+            // The kernel may still write into these buffers: leak them (and the arena's
+            // mapping) rather than free memory under a pending read.
             for op in self.ops.drain(..).flatten() {
                 if op.in_kernel > 0 {
                     std::mem::forget(op.buf);
                 }
             }
+            std::mem::forget(self.arena.take());
         }
     }
 }

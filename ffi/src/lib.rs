@@ -5,6 +5,7 @@
 //! - [`slots`]: one layer's expert<->slot maps and slot states (pure bookkeeping).
 //! - [`policy`]: eviction policies behind the [`policy::Policy`] trait.
 //! - [`io`]: reads of expert slices (io_uring, O_DIRECT, pread fallback).
+//! - [`arena`]: huge-page memory the reads land in.
 //! - [`dest`]: where filled bytes go (pool memory, engine memory, callback).
 //! - [`pool`]: the pool itself: files, layers, requests, prefetch, metrics.
 //! - [`metrics`]: counters, the stats snapshot and the stats file format.
@@ -13,6 +14,7 @@
 //! - [`capi`]: the C ABI declared in `ffi/include/expert_pool.h`. This crate is the
 //!   only place in the workspace with `extern "C"` functions.
 
+pub mod arena;
 pub mod capi;
 pub mod dest;
 pub mod error;
