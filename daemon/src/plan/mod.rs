@@ -1037,9 +1037,10 @@ fn staging_note(m: &Model, slots: u32) -> String {
 }
 
 /// Read and conversion buffers the engine's pool holds at most besides its slots and
-/// staging area: the pool keeps at most 128 MiB of read buffers (`MAX_READ_MEMORY` in
-/// `ffi/src/io.rs`, with staging reads bounded by `STAGE_READ_BUDGET` in
-/// `ffi/src/pool.rs`) and the engine's conversion queue at most 64 MiB (patch 0002).
+/// staging area: the pool keeps at most 128 MiB of read buffers (its arena,
+/// `MAX_READ_MEMORY` in `ffi/src/io.rs`, with staging reads bounded by
+/// `STAGE_READ_BUDGET` in `ffi/src/pool.rs`) and the engine's conversion queue at most
+/// 64 MiB (patch 0002).
 pub const POOL_IO_BYTES: u64 = 192 << 20;
 
 /// Slots per layer the pool gets from `avail` bytes of RAM: (slots, bytes the pool holds,
