@@ -22,15 +22,29 @@ fn model() -> TestModel {
     write_model("stage-model.bin", 2, N_EXPERTS, &pb, 7)
 }
 
-fn pool(m: &TestModel, mode: IoMode, trace: Option<std::path::PathBuf>) -> Pool {
-    let p = Pool::new(PoolConfig {
+/// The tests' pool settings: LRU, a small queue, the given I/O mode.
+fn config(mode: IoMode) -> PoolConfig {
+    PoolConfig {
         io_mode: mode,
         policy: PolicyKind::Lru,
         queue_depth: 8,
-        trace_path: trace,
         ..Default::default()
-    })
-    .unwrap();
+    }
+}
+
+fn pool(m: &TestModel, mode: IoMode, trace: Option<std::path::PathBuf>) -> Pool {
+    pool_with(
+        m,
+        PoolConfig {
+            trace_path: trace,
+            ..config(mode)
+        },
+    )
+}
+
+/// A pool with `cfg` and both model layers registered (engine layers 1 and 3).
+fn pool_with(m: &TestModel, cfg: PoolConfig) -> Pool {
+    let p = Pool::new(cfg).unwrap();
     let f = p.add_file(m.path()).unwrap();
     for layer in 0..2 {
         p.add_layer(
@@ -286,25 +300,13 @@ fn trace_records_requests_and_stages_token_major() {
 /// held after the call.
 fn run_budget(mode: IoMode) {
     let m = model();
-    let p = Pool::new(PoolConfig {
-        io_mode: mode,
-        policy: PolicyKind::Lru,
-        queue_depth: 8,
-        stage_read_budget: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let f = p.add_file(m.path()).unwrap();
-    p.add_layer(
-        &LayerSpec {
-            layer: 1,
-            n_experts: N_EXPERTS,
-            n_slots: N_SLOTS,
-            projs: m.specs(0, f),
+    let p = pool_with(
+        &m,
+        PoolConfig {
+            stage_read_budget: 1,
+            ..config(mode)
         },
-        None,
-    )
-    .unwrap();
+    );
     assert_eq!(
         p.stage_ahead(1, &[5, 6, 7]).unwrap(),
         1,
