@@ -135,12 +135,8 @@ impl Arena {
         }
         self.free_bytes -= len;
         // SAFETY: off + len <= self.len, so the pointer stays inside the mapping.
-        let ptr = unsafe { self.base.as_ptr().add(off) };
-        Some(ArenaBuf {
-            ptr: NonNull::new(ptr)?,
-            off,
-            len,
-        })
+        let ptr = unsafe { self.base.add(off) };
+        Some(ArenaBuf { ptr, off, len })
     }
 
     /// Gives a buffer back, merging it with the gaps next to it.
