@@ -205,6 +205,8 @@ struct Layer {
     expert_bytes: u64,
     /// Experts announced by [`Pool::stage_ahead`] for the next stage call (by expert).
     ahead_mark: Vec<bool>,
+    /// Some expert is announced (a request then drops the announcement).
+    announced: bool,
     /// Read-ahead reads still in the kernel, by expert.
     ahead_inflight: Vec<u32>,
     /// Finished read-ahead reads not yet handed over: (expert, projection, read, result).
@@ -658,6 +660,7 @@ impl Inner {
             counters: Counters::default(),
             expert_bytes,
             ahead_mark: vec![false; spec.n_experts as usize],
+            announced: false,
             ahead_inflight: vec![0; spec.n_experts as usize],
             ahead_done: Vec::new(),
         });
@@ -686,6 +689,13 @@ impl Inner {
         }
         if self.io.pending() > 0 || self.io.has_completions() {
             self.poll_nowait()?;
+        }
+        if self.layers[li].announced {
+            // The layer is served from slots this time (llama.cpp computes the last
+            // layer of a prompt for the output tokens only): the read-ahead was for
+            // nothing. Its buffers go back now; kept, they counted against every later
+            // announcement's budget, which then started nothing (bench/RESULTS.md).
+            self.forget_ahead(li);
         }
         let mut plan = std::mem::take(&mut self.plan);
         let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
@@ -921,6 +931,8 @@ impl Inner {
             }
         }
         self.events = events;
+        // Read-ahead reads go to their layer's announcement, or back when it was dropped.
+        self.route_ahead();
     }
 
     /// Completes fill `fid` (all its reads are in, or none could start).
@@ -1057,6 +1069,7 @@ impl Inner {
             }
             let l = &mut self.layers[li];
             l.ahead_mark[e as usize] = true;
+            l.announced = true;
             started += 1;
             let (n, err) = self.start_expert_reads(li, e, |p| ahead_tag(li, e, p));
             self.layers[li].ahead_inflight[e as usize] += n;
@@ -1082,6 +1095,7 @@ impl Inner {
     /// still in flight are released when they finish.
     fn forget_ahead(&mut self, li: usize) {
         let l = &mut self.layers[li];
+        l.announced = false;
         l.ahead_mark.iter_mut().for_each(|m| *m = false);
         for (_, _, op, _) in std::mem::take(&mut l.ahead_done) {
             self.io.release(op);

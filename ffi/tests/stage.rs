@@ -350,3 +350,45 @@ fn no_read_buffer_is_held_after_stage_calls() {
     stage(&p, 3, &[1, 2], 2, 1).unwrap();
     assert_eq!(p.read_buffers_held().unwrap(), 0);
 }
+
+/// A layer served by a request instead of the stage call it was announced for (llama.cpp
+/// computes the last layer of a prompt for the output tokens only) drops the
+/// announcement: its read buffers go back, and later announcements get the whole budget.
+#[test]
+fn a_request_drops_the_layers_announcement() {
+    let m = model();
+    let expert: usize = (0..3).map(|p| m.expert(0, p, 0).len()).sum();
+    let p = pool_with(
+        &m,
+        PoolConfig {
+            stage_read_budget: 3 * expert,
+            ..config(IoMode::Auto)
+        },
+    );
+    let first = p.stage_ahead(1, &[5, 6, 7, 8]).unwrap();
+    assert!((1..4).contains(&first), "the budget stops it: {first}");
+    let mut slots = [0i32; 2];
+    p.request(1, &[5, 9], 2, 1, 2, &mut slots).unwrap();
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+    assert_eq!(
+        p.read_buffers_held().unwrap(),
+        0,
+        "the announcement's reads went back"
+    );
+    assert_eq!(
+        p.stage_ahead(3, &[1, 2, 3, 4]).unwrap(),
+        first,
+        "the whole budget again"
+    );
+    // The request's bytes are right, and layer 1's next stage call reads for itself.
+    for (j, e) in [5u32, 9].into_iter().enumerate() {
+        for pj in 0..3 {
+            assert!(p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e));
+        }
+    }
+    let got = stage(&p, 1, &[6, 8], 2, 1).unwrap();
+    assert_eq!(got.from_file.len(), 2 * 3);
+    assert_eq!(p.counters(Some(1)).unwrap().stage_ahead_used, 0);
+}
