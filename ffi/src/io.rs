@@ -450,6 +450,9 @@ pub struct IoEngine {
     pub uring_refused: Option<String>,
     /// Faults to apply to the next completions, in order.
     faults: std::collections::VecDeque<Fault>,
+    /// An errno the next waiting [`IoEngine::reap`] fails with (tests of the callers'
+    /// handling of a failed wait while reads are in flight).
+    fail_next_wait: Option<i32>,
     cqe_scratch: Vec<(u64, i32)>,
 }
 
@@ -496,6 +499,7 @@ impl IoEngine {
             held_bytes: 0,
             uring_refused,
             faults: Default::default(),
+            fail_next_wait: None,
             cqe_scratch: Vec::new(),
         }
     }
@@ -503,6 +507,12 @@ impl IoEngine {
     /// Makes the next completions report `faults` (in order) instead of their result.
     pub fn inject_faults(&mut self, faults: &[Fault]) {
         self.faults.extend(faults.iter().copied());
+    }
+
+    /// Makes the next waiting [`IoEngine::reap`] fail with `errno` without reaping, as a
+    /// failed `io_uring_enter` would; the reads in flight stay in flight.
+    pub fn fail_next_wait(&mut self, errno: i32) {
+        self.fail_next_wait = Some(errno);
     }
 
     fn apply_fault(&mut self, res: isize) -> isize {
@@ -693,6 +703,9 @@ impl IoEngine {
             return Ok(());
         }
         if wait && self.in_kernel > 0 {
+            if let Some(errno) = self.fail_next_wait.take() {
+                return Err(engine_err(std::io::Error::from_raw_os_error(errno)));
+            }
             let ring = self.ring.as_mut().expect("ring");
             loop {
                 match ring.submit_and_wait(1) {

@@ -154,7 +154,9 @@ pub enum Staged<'a> {
     },
 }
 
-/// Tag bit of reads started by [`Pool::stage`] (fill reads never set it).
+/// Tag bit of reads started by [`Pool::stage`] (fill reads never set it). Without
+/// [`AHEAD_TAG`] the tag also holds the stage call's number (bits 32..62, see
+/// [`stage_tag`]), the expert's index in the call (bits 8..32) and the projection.
 const STAGE_TAG: u64 = 1 << 63;
 /// With [`STAGE_TAG`]: a read started by `stage_ahead`; the tag also holds the layer
 /// index (bits 32..62), the expert (bits 8..32) and the projection (bits 0..8).
@@ -162,6 +164,18 @@ const AHEAD_TAG: u64 = 1 << 62;
 
 fn ahead_tag(li: usize, expert: u32, proj: usize) -> u64 {
     STAGE_TAG | AHEAD_TAG | ((li as u64) << 32) | (u64::from(expert) << 8) | proj as u64
+}
+
+/// Bits of a stage call's number kept in its reads' tags.
+const STAGE_CALL_MASK: u64 = (1 << 30) - 1;
+
+fn stage_tag(call: u64, index: usize, proj: usize) -> u64 {
+    STAGE_TAG | ((call & STAGE_CALL_MASK) << 32) | ((index as u64) << 8) | proj as u64
+}
+
+/// The stage call a (non-ahead) stage read belongs to.
+fn stage_call_of(tag: u64) -> u64 {
+    (tag >> 32) & STAGE_CALL_MASK
 }
 
 fn ahead_parts(tag: u64) -> (usize, u32, usize) {
@@ -205,8 +219,6 @@ struct Layer {
     expert_bytes: u64,
     /// Experts announced by [`Pool::stage_ahead`] for the next stage call (by expert).
     ahead_mark: Vec<bool>,
-    /// Some expert is announced (a request then drops the announcement).
-    announced: bool,
     /// Read-ahead reads still in the kernel, by expert.
     ahead_inflight: Vec<u32>,
     /// Finished read-ahead reads not yet handed over: (expert, projection, read, result).
@@ -243,6 +255,16 @@ struct Inner {
     last_fill_error: Option<PoolError>,
     /// Completions of stage reads, taken by [`Inner::stage`].
     stage_done: Vec<(usize, u64, Result<()>)>,
+    /// The number of the running stage call (`stage_reads`), if one runs: its reads'
+    /// tags carry it, and reads of an earlier call that failed before they finished
+    /// are released when they come back instead of being taken for this call's.
+    stage_call: Option<u64>,
+    /// Numbers the stage calls.
+    stage_calls: u64,
+    /// The layer whose announcement (`stage_ahead`) is live. At most one is: the engine
+    /// announces only the next layer, and an announcement that layer never took (it
+    /// was not computed, or served by a request) must not keep holding read buffers.
+    ahead_layer: Option<usize>,
     /// Routing trace being recorded, if configured.
     trace: Option<crate::trace::Recorder>,
 }
@@ -290,6 +312,9 @@ impl Pool {
             events: Vec::new(),
             last_fill_error: None,
             stage_done: Vec::new(),
+            stage_call: None,
+            stage_calls: 0,
+            ahead_layer: None,
             trace: cfg.trace_path.map(crate::trace::Recorder::new),
         };
         if let Some(why) = inner.io.uring_refused.clone() {
@@ -505,6 +530,14 @@ impl Pool {
         Ok(())
     }
 
+    /// Makes the next wait for read completions fail with `errno` (fault injection for
+    /// tests of a failed `io_uring_enter` while reads are in flight).
+    #[doc(hidden)]
+    pub fn inject_wait_failure(&self, errno: i32) -> Result<()> {
+        self.lock()?.io.fail_next_wait(errno);
+        Ok(())
+    }
+
     /// Reads in flight (submitted, not reaped).
     pub fn reads_in_flight(&self) -> Result<usize> {
         Ok(self.lock()?.io.pending())
@@ -660,7 +693,6 @@ impl Inner {
             counters: Counters::default(),
             expert_bytes,
             ahead_mark: vec![false; spec.n_experts as usize],
-            announced: false,
             ahead_inflight: vec![0; spec.n_experts as usize],
             ahead_done: Vec::new(),
         });
@@ -690,7 +722,7 @@ impl Inner {
         if self.io.pending() > 0 || self.io.has_completions() {
             self.poll_nowait()?;
         }
-        if self.layers[li].announced {
+        if self.ahead_layer == Some(li) {
             // The layer is served from slots this time (llama.cpp computes the last
             // layer of a prompt for the output tokens only): the read-ahead was for
             // nothing. Its buffers go back now; kept, they counted against every later
@@ -932,7 +964,7 @@ impl Inner {
         }
         self.events = events;
         // Read-ahead reads go to their layer's announcement, or back when it was dropped.
-        self.route_ahead();
+        self.route_stage_done();
     }
 
     /// Completes fill `fid` (all its reads are in, or none could start).
@@ -1049,6 +1081,9 @@ impl Inner {
                 "layer {layer}: expert id {e} out of range 0..{n_experts}"
             )));
         }
+        if let Some(other) = self.ahead_layer.filter(|&o| o != li) {
+            self.forget_ahead(other);
+        }
         self.forget_ahead(li);
         self.check_layer_files(li)?;
         let mut started = 0u32;
@@ -1069,7 +1104,7 @@ impl Inner {
             }
             let l = &mut self.layers[li];
             l.ahead_mark[e as usize] = true;
-            l.announced = true;
+            self.ahead_layer = Some(li);
             started += 1;
             let (n, err) = self.start_expert_reads(li, e, |p| ahead_tag(li, e, p));
             self.layers[li].ahead_inflight[e as usize] += n;
@@ -1094,8 +1129,10 @@ impl Inner {
     /// Drops layer `li`'s announcement: finished read-ahead reads are released, those
     /// still in flight are released when they finish.
     fn forget_ahead(&mut self, li: usize) {
+        if self.ahead_layer == Some(li) {
+            self.ahead_layer = None;
+        }
         let l = &mut self.layers[li];
-        l.announced = false;
         l.ahead_mark.iter_mut().for_each(|m| *m = false);
         for (_, _, op, _) in std::mem::take(&mut l.ahead_done) {
             self.io.release(op);
@@ -1103,19 +1140,23 @@ impl Inner {
     }
 
     /// Moves finished read-ahead reads out of `stage_done` to their layers (releasing
-    /// those no announcement wants any more).
-    fn route_ahead(&mut self) {
-        if !self
-            .stage_done
-            .iter()
-            .any(|(_, tag, _)| tag & AHEAD_TAG != 0)
-        {
+    /// those no announcement wants any more), and releases reads of a stage call that
+    /// is no longer running (it failed before they finished). What stays is the
+    /// running stage call's own.
+    fn route_stage_done(&mut self) {
+        let current = self.stage_call;
+        let own = |tag: u64| tag & AHEAD_TAG == 0 && Some(stage_call_of(tag)) == current;
+        if self.stage_done.iter().all(|(_, tag, _)| own(*tag)) {
             return;
         }
         let done = std::mem::take(&mut self.stage_done);
         for (op, tag, result) in done {
-            if tag & AHEAD_TAG == 0 {
+            if own(tag) {
                 self.stage_done.push((op, tag, result));
+                continue;
+            }
+            if tag & AHEAD_TAG == 0 {
+                self.io.release(op);
                 continue;
             }
             let (li, e, p) = ahead_parts(tag);
@@ -1216,7 +1257,26 @@ impl Inner {
             return Ok(());
         }
         self.check_layer_files(li)?;
-        self.route_ahead();
+        self.stage_calls += 1;
+        let call = self.stage_calls & STAGE_CALL_MASK;
+        self.stage_call = Some(call);
+        let res = self.stage_reads_in(li, call, experts, sink);
+        self.stage_call = None;
+        // Reads this call started and did not wait for (it failed) go back when they
+        // finish.
+        self.route_stage_done();
+        res
+    }
+
+    /// [`Inner::stage_reads`] as stage call number `call`.
+    fn stage_reads_in(
+        &mut self,
+        li: usize,
+        call: u64,
+        experts: &[u32],
+        sink: &mut dyn FnMut(Staged<'_>),
+    ) -> Result<()> {
+        self.route_stage_done();
         let n_projs = self.layers[li].projs.len();
         let mut error = None;
         let mut outstanding = 0usize;
@@ -1245,9 +1305,7 @@ impl Inner {
         loop {
             while error.is_none() && room(own_bytes, outstanding) {
                 let Some(i) = to_start.pop_front() else { break };
-                let (n, err) = self.start_expert_reads(li, experts[i], |p| {
-                    STAGE_TAG | ((i as u64) << 8) | p as u64
-                });
+                let (n, err) = self.start_expert_reads(li, experts[i], |p| stage_tag(call, i, p));
                 outstanding += n as usize;
                 let projs = &self.layers[li].projs[..n as usize];
                 own_bytes += projs.iter().map(|p| p.bytes).sum::<usize>();
@@ -1259,7 +1317,6 @@ impl Inner {
                 error.get_or_insert(e);
             }
             self.process_finished();
-            self.route_ahead();
             let (mut ready, unneeded): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.layers[li].ahead_done)
                     .into_iter()
@@ -1270,9 +1327,11 @@ impl Inner {
                 self.io.release(op);
             }
             ahead_left -= ready.len();
+            // process_finished left only this call's own reads here.
             for (op, tag, result) in std::mem::take(&mut self.stage_done) {
+                debug_assert_eq!(stage_call_of(tag), call);
                 outstanding -= 1;
-                let (i, p) = (((tag & !STAGE_TAG) >> 8) as usize, (tag & 0xff) as usize);
+                let (i, p) = (((tag >> 8) & 0xff_ffff) as usize, (tag & 0xff) as usize);
                 if let Ok(()) = &result {
                     self.layers[li].counters.bytes_read += self.io.data(op).len() as u64;
                 }

@@ -392,3 +392,93 @@ fn a_request_drops_the_layers_announcement() {
     assert_eq!(got.from_file.len(), 2 * 3);
     assert_eq!(p.counters(Some(1)).unwrap().stage_ahead_used, 0);
 }
+
+/// Only one announcement lives: announcing for another layer drops the previous one (a
+/// layer announced and then never computed must not hold read buffers).
+#[test]
+fn a_new_announcement_drops_another_layers() {
+    let m = model();
+    let expert: usize = (0..3).map(|p| m.expert(0, p, 0).len()).sum();
+    let p = pool_with(
+        &m,
+        PoolConfig {
+            stage_read_budget: 3 * expert,
+            ..config(IoMode::Auto)
+        },
+    );
+    let first = p.stage_ahead(1, &[5, 6, 7, 8]).unwrap();
+    assert!((1..4).contains(&first), "the budget stops it: {first}");
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+    assert!(
+        p.read_buffers_held().unwrap() > 0,
+        "layer 1's reads wait for it"
+    );
+    assert_eq!(
+        p.stage_ahead(3, &[1, 2, 3, 4]).unwrap(),
+        first,
+        "layer 1's announcement went back: the whole budget again"
+    );
+    let got = stage(&p, 1, &[5, 6], 2, 1).unwrap();
+    assert_eq!(got.from_file.len(), 2 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}");
+    }
+    assert_eq!(p.counters(Some(1)).unwrap().stage_ahead_used, 0);
+    let got = stage(&p, 3, &[1, 2], 2, 1).unwrap();
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(
+            bytes == m.expert(1, *proj, *e),
+            "layer 3 expert {e} proj {proj}"
+        );
+    }
+    assert_eq!(
+        p.counters(Some(3)).unwrap().stage_ahead_used,
+        u64::from(first.min(2))
+    );
+    assert_eq!(p.read_buffers_held().unwrap(), 0);
+}
+
+/// A stage call whose wait for completions fails returns with its reads still in flight.
+/// When they finish, during later calls, they are released, not taken for a later
+/// call's reads: those hand over the file's bytes of their own experts, and every read
+/// buffer goes back.
+#[test]
+fn a_failed_stage_calls_late_reads_are_released() {
+    let m = model();
+    let p = pool(&m, IoMode::Uring, None);
+    assert_eq!(
+        p.io_active().unwrap(),
+        expert_pool::io::ActiveIo::Uring,
+        "this test needs io_uring: {:?}",
+        p.warnings().unwrap()
+    );
+    p.inject_wait_failure(libc::EIO).unwrap();
+    let err = stage(&p, 1, &[5, 6, 7, 8], 2, 2)
+        .err()
+        .expect("the wait failed");
+    assert!(matches!(err, PoolError::Io { .. }), "{err}");
+    assert!(
+        p.reads_in_flight().unwrap() > 0,
+        "the failed call's reads are out"
+    );
+    // Another layer's call with other experts at the same positions, then this layer's.
+    let got = stage(&p, 3, &[9, 10, 11, 12], 2, 2).unwrap();
+    assert_eq!(got.from_file.len(), 4 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(
+            bytes == m.expert(1, *proj, *e),
+            "layer 3 expert {e} proj {proj}"
+        );
+    }
+    let got = stage(&p, 1, &[13, 14, 15, 16], 2, 2).unwrap();
+    assert_eq!(got.from_file.len(), 4 * 3);
+    for ((e, proj), bytes) in &got.from_file {
+        assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}");
+    }
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+    assert_eq!(p.read_buffers_held().unwrap(), 0);
+}
