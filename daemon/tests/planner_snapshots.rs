@@ -127,6 +127,21 @@ fn assert_properties(name: &str, snap: &Snapshot, config: &Config, p: &Plan) {
     assert_eq!(a("--ctx-size"), Some(p.ctx_size.to_string()));
     assert_eq!(a("--n-gpu-layers"), Some(p.gpu_layers.to_string()));
     assert_eq!(a("--fit").as_deref(), Some("off"));
+    // llama-server's prompt cache (8 GiB by default) lives in RAM beside what the plan
+    // budgets: the plan bounds it by what the RAM budget leaves.
+    assert_eq!(a("--cache-ram"), Some(p.prompt_cache_mib.to_string()));
+    let ram = p
+        .memory
+        .iter()
+        .find(|t| t.tier.as_str() == "ram")
+        .expect("a RAM tier");
+    assert!(
+        ram.total() + (p.prompt_cache_mib << 20) <= ram.budget,
+        "{name}: RAM {} + prompt cache {} MiB over the budget {}",
+        ram.total(),
+        p.prompt_cache_mib,
+        ram.budget
+    );
     assert!(p.predicted_tok_s.is_finite() && p.predicted_tok_s > 0.0);
     assert!(p.threads >= 1 && p.threads <= snap.host.usable_cores.max(1));
     for topic in [
@@ -138,6 +153,7 @@ fn assert_properties(name: &str, snap: &Snapshot, config: &Config, p: &Plan) {
         "pool",
         "placement",
         "prediction",
+        "prompt_cache",
     ] {
         assert!(
             p.reasons

@@ -32,7 +32,7 @@
 //! `{ model, pool: null|{slots, slots_per_layer, slot_tier, cache_mib, policy, prefetch,
 //! assumed_hit_rate, assumed_ram_hit_rate, stats_path}, gpu_layers, n_cpu_moe, ctx_size,
 //! kv_type, flash_attn, threads, threads_batch, batch_size, ubatch_size, parallel,
-//! memory: [{tier, total, budget, weights, experts, kv, compute, base}], roofline: {...},
+//! prompt_cache_mib, memory: [{tier, total, budget, weights, experts, kv, compute, base}], roofline: {...},
 //! predicted_tok_s, args, reasons: [{topic, choice, why}], warnings, within_budget }`
 //! (byte counts are integers, rates bytes/s).
 
@@ -198,6 +198,7 @@ pub struct PlanDoc {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub parallel: u32,
+    pub prompt_cache_mib: u64,
     pub memory: Vec<TierDoc>,
     pub roofline: RooflineDoc,
     pub predicted_tok_s: f64,
@@ -286,6 +287,7 @@ impl From<&Plan> for PlanDoc {
             batch_size: p.batch_size,
             ubatch_size: p.ubatch_size,
             parallel: p.parallel,
+            prompt_cache_mib: p.prompt_cache_mib,
             memory: p
                 .memory
                 .iter()

@@ -46,6 +46,10 @@ pub const HIT_EXPONENT: f64 = 0.25;
 /// The engine's own RAM besides weights, KV and compute buffers (measured: llama-server
 /// with a 15 MiB model holds 21 MiB of anonymous memory; this keeps a wide margin).
 pub const ENGINE_BASE_RAM: u64 = 128 * MIB;
+/// llama-server's default `--cache-ram`: up to this many MiB of RAM keep the KV state of
+/// finished prompts for reuse, on top of everything the plan budgets (measured: a 1 GiB
+/// plan's engine grew ~95 MiB per 4k-token request without a limit, bench/RESULTS.md).
+pub const ENGINE_PROMPT_CACHE_DEFAULT_MIB: u64 = 8192;
 /// Context when the model says nothing and the config sets none, and the default cap.
 pub const DEFAULT_MAX_CTX: u32 = 32768;
 /// The smallest context the planner shrinks to.
@@ -157,6 +161,9 @@ pub struct Plan {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub parallel: u32,
+    /// `--cache-ram`: MiB of RAM llama-server may use to keep finished prompts' KV state,
+    /// what the RAM budget leaves after everything else (0 turns the cache off).
+    pub prompt_cache_mib: u64,
     /// Memory per tier (RAM always; VRAM when a GPU is used).
     pub memory: Vec<TierUse>,
     pub roofline: Roofline,
@@ -522,6 +529,28 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
     }
     reasons.extend(placement.why.iter().cloned());
 
+    // llama-server's prompt cache lives in RAM beside everything above: it gets what the
+    // RAM budget leaves, at most its own default, so the engine stays within the budget.
+    let ram_left = placement.ram.budget.saturating_sub(placement.ram.total());
+    let prompt_cache_mib = (ram_left / MIB).min(ENGINE_PROMPT_CACHE_DEFAULT_MIB);
+    reasons.push(Reason {
+        topic: "prompt_cache",
+        choice: format!("{prompt_cache_mib} MiB"),
+        why: if prompt_cache_mib == 0 {
+            "llama-server keeps finished prompts' KV state in RAM (up to 8 GiB by default); the RAM budget leaves no room, so that cache is off".into()
+        } else if prompt_cache_mib == ENGINE_PROMPT_CACHE_DEFAULT_MIB {
+            format!(
+                "llama-server's default for the RAM that keeps finished prompts' KV state; the RAM budget leaves more ({} MiB)",
+                ram_left / MIB
+            )
+        } else {
+            format!(
+                "llama-server keeps finished prompts' KV state in RAM (up to 8 GiB by default); capped to what the RAM budget leaves ({} MiB)",
+                ram_left / MIB
+            )
+        },
+    });
+
     let mut memory = vec![placement.ram.clone()];
     if use_gpu {
         memory.insert(0, placement.vram.clone());
@@ -613,6 +642,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         batch_size: 2048,
         ubatch_size: ubatch,
         parallel,
+        prompt_cache_mib,
         memory,
         roofline: Roofline {
             vram_bytes: vb,
@@ -1103,6 +1133,7 @@ pub fn engine_args(p: &Plan, c: &Config) -> Vec<String> {
     push("--batch-size", p.batch_size.to_string());
     push("--ubatch-size", p.ubatch_size.to_string());
     push("--parallel", p.parallel.to_string());
+    push("--cache-ram", p.prompt_cache_mib.to_string());
     if let Some(pool) = &p.pool {
         push("--expert-pool-slots", pool.slots.to_string());
         push("--expert-pool-mib", pool.cache_mib.to_string());
@@ -1137,7 +1168,7 @@ impl fmt::Display for Plan {
         }
         writeln!(
             f,
-            "engine: -ngl {} --n-cpu-moe {} -c {} kv {} threads {}/{} -b {} -ub {}",
+            "engine: -ngl {} --n-cpu-moe {} -c {} kv {} threads {}/{} -b {} -ub {} --cache-ram {}",
             self.gpu_layers,
             self.n_cpu_moe,
             self.ctx_size,
@@ -1145,7 +1176,8 @@ impl fmt::Display for Plan {
             self.threads,
             self.threads_batch,
             self.batch_size,
-            self.ubatch_size
+            self.ubatch_size,
+            self.prompt_cache_mib
         )?;
         for t in &self.memory {
             writeln!(
