@@ -351,15 +351,12 @@ fn no_read_buffer_is_held_after_stage_calls() {
     assert_eq!(p.read_buffers_held().unwrap(), 0);
 }
 
-/// A layer served by a request instead of the stage call it was announced for (llama.cpp
-/// computes the last layer of a prompt for the output tokens only) drops the
-/// announcement: its read buffers go back, and later announcements get the whole budget.
-#[test]
-fn a_request_drops_the_layers_announcement() {
-    let m = model();
+/// A pool whose read budget holds three experts, and how many of experts 5..=8 of layer 1
+/// an announcement then started (the budget stops it before the fourth).
+fn pool_announcing_within_a_budget(m: &TestModel) -> (Pool, u32) {
     let expert: usize = (0..3).map(|p| m.expert(0, p, 0).len()).sum();
     let p = pool_with(
-        &m,
+        m,
         PoolConfig {
             stage_read_budget: 3 * expert,
             ..config(IoMode::Auto)
@@ -367,6 +364,16 @@ fn a_request_drops_the_layers_announcement() {
     );
     let first = p.stage_ahead(1, &[5, 6, 7, 8]).unwrap();
     assert!((1..4).contains(&first), "the budget stops it: {first}");
+    (p, first)
+}
+
+/// A layer served by a request instead of the stage call it was announced for (llama.cpp
+/// computes the last layer of a prompt for the output tokens only) drops the
+/// announcement: its read buffers go back, and later announcements get the whole budget.
+#[test]
+fn a_request_drops_the_layers_announcement() {
+    let m = model();
+    let (p, first) = pool_announcing_within_a_budget(&m);
     let mut slots = [0i32; 2];
     p.request(1, &[5, 9], 2, 1, 2, &mut slots).unwrap();
     while p.reads_in_flight().unwrap() > 0 {
@@ -398,16 +405,7 @@ fn a_request_drops_the_layers_announcement() {
 #[test]
 fn a_new_announcement_drops_another_layers() {
     let m = model();
-    let expert: usize = (0..3).map(|p| m.expert(0, p, 0).len()).sum();
-    let p = pool_with(
-        &m,
-        PoolConfig {
-            stage_read_budget: 3 * expert,
-            ..config(IoMode::Auto)
-        },
-    );
-    let first = p.stage_ahead(1, &[5, 6, 7, 8]).unwrap();
-    assert!((1..4).contains(&first), "the budget stops it: {first}");
+    let (p, first) = pool_announcing_within_a_budget(&m);
     while p.reads_in_flight().unwrap() > 0 {
         p.poll().unwrap();
     }
