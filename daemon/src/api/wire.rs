@@ -634,7 +634,7 @@ pub fn metrics_text(s: &Status, m: &EngineMetrics) -> String {
     {
         g(
             "expertd_decode_tokens_per_second",
-            "The engine's average decode speed.",
+            "The engine's average decode speed since it started (from its counters).",
             "gauge",
             &one(v),
         );

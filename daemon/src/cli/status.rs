@@ -166,7 +166,9 @@ pub fn summary(d: &serde_json::Value) -> String {
         }
     }
     if let Some(t) = d["decode"]["tokens_per_second"].as_f64() {
-        o.push_str(&format!("decode: {t:.1} tok/s (engine average)\n"));
+        o.push_str(&format!(
+            "decode: {t:.1} tok/s (average since the engine started)\n"
+        ));
     }
     if let Some(c) = d["config"]["error"].as_str() {
         o.push_str(&format!("config error (not applied): {c}\n"));

@@ -50,14 +50,19 @@ pub struct PoolStats {
     pub modified: Option<SystemTime>,
 }
 
-/// The engine's decode numbers from `/metrics`.
+/// The engine's decode numbers from `/metrics`: averages since the engine started, from
+/// its counters. (Its `*_tokens_seconds` gauges are averages over the window since the
+/// previous scrape of `/metrics` by anyone, 0 when that window had no request, so they
+/// are not used.)
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DecodeStats {
-    /// `llamacpp:predicted_tokens_seconds`: average decode speed.
+    /// `llamacpp:tokens_predicted_total / llamacpp:tokens_predicted_seconds_total`:
+    /// average decode speed (None before the first generated token).
     pub tokens_per_second: Option<f64>,
     /// `llamacpp:tokens_predicted_total`.
     pub tokens_predicted_total: Option<f64>,
-    /// `llamacpp:prompt_tokens_seconds`: average prefill speed.
+    /// `llamacpp:prompt_tokens_total / llamacpp:prompt_seconds_total`: average prefill
+    /// speed (None before the first prompt).
     pub prompt_tokens_per_second: Option<f64>,
 }
 
@@ -152,6 +157,7 @@ pub fn read_pool_stats(path: &Path) -> Option<PoolStats> {
 /// Picks the decode numbers out of llama-server's Prometheus text.
 pub fn parse_engine_metrics(text: &str) -> DecodeStats {
     let mut d = DecodeStats::default();
+    let (mut predicted_s, mut prompt_n, mut prompt_s) = (None, None, None);
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -164,12 +170,19 @@ pub fn parse_engine_metrics(text: &str) -> DecodeStats {
             continue;
         };
         match name {
-            "llamacpp:predicted_tokens_seconds" => d.tokens_per_second = Some(v),
             "llamacpp:tokens_predicted_total" => d.tokens_predicted_total = Some(v),
-            "llamacpp:prompt_tokens_seconds" => d.prompt_tokens_per_second = Some(v),
+            "llamacpp:tokens_predicted_seconds_total" => predicted_s = Some(v),
+            "llamacpp:prompt_tokens_total" => prompt_n = Some(v),
+            "llamacpp:prompt_seconds_total" => prompt_s = Some(v),
             _ => {}
         }
     }
+    let rate = |n: Option<f64>, s: Option<f64>| match (n, s) {
+        (Some(n), Some(s)) if n > 0.0 && s > 0.0 => Some(n / s),
+        _ => None,
+    };
+    d.tokens_per_second = rate(d.tokens_predicted_total, predicted_s);
+    d.prompt_tokens_per_second = rate(prompt_n, prompt_s);
     d
 }
 
@@ -248,11 +261,22 @@ mod tests {
 
     #[test]
     fn engine_metrics() {
+        // The window gauges are 0 after an idle scrape window; the counters still hold
+        // the averages since the start.
         let d = parse_engine_metrics(
-            "# HELP x\nllamacpp:prompt_tokens_seconds 100.5\nllamacpp:predicted_tokens_seconds 42.25\nllamacpp:tokens_predicted_total 17\n",
+            "# HELP x\nllamacpp:prompt_tokens_total 201\nllamacpp:prompt_seconds_total 2\nllamacpp:prompt_tokens_seconds 0\nllamacpp:predicted_tokens_seconds 0\nllamacpp:tokens_predicted_total 17\nllamacpp:tokens_predicted_seconds_total 0.5\n",
         );
-        assert_eq!(d.tokens_per_second, Some(42.25));
+        assert_eq!(d.tokens_per_second, Some(34.0));
         assert_eq!(d.tokens_predicted_total, Some(17.0));
         assert_eq!(d.prompt_tokens_per_second, Some(100.5));
+        // Before the first request: no rate, not 0 or NaN.
+        let d = parse_engine_metrics(
+            "llamacpp:tokens_predicted_total 0\nllamacpp:tokens_predicted_seconds_total 0\n",
+        );
+        assert_eq!(
+            (d.tokens_per_second, d.tokens_predicted_total),
+            (None, Some(0.0))
+        );
+        assert_eq!(d.prompt_tokens_per_second, None);
     }
 }
