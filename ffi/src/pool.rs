@@ -178,6 +178,11 @@ fn stage_call_of(tag: u64) -> u64 {
     (tag >> 32) & STAGE_CALL_MASK
 }
 
+/// A (non-ahead) stage read's expert index in its call and projection.
+fn stage_parts(tag: u64) -> (usize, usize) {
+    (((tag >> 8) & 0xff_ffff) as usize, (tag & 0xff) as usize)
+}
+
 fn ahead_parts(tag: u64) -> (usize, u32, usize) {
     (
         ((tag & !(STAGE_TAG | AHEAD_TAG)) >> 32) as usize,
@@ -1331,7 +1336,7 @@ impl Inner {
             for (op, tag, result) in std::mem::take(&mut self.stage_done) {
                 debug_assert_eq!(stage_call_of(tag), call);
                 outstanding -= 1;
-                let (i, p) = (((tag >> 8) & 0xff_ffff) as usize, (tag & 0xff) as usize);
+                let (i, p) = stage_parts(tag);
                 if let Ok(()) = &result {
                     self.layers[li].counters.bytes_read += self.io.data(op).len() as u64;
                 }
