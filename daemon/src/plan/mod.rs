@@ -537,7 +537,10 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         topic: "prompt_cache",
         choice: format!("{prompt_cache_mib} MiB"),
         why: if prompt_cache_mib == 0 {
-            "llama-server keeps finished prompts' KV state in RAM (up to 8 GiB by default); the RAM budget leaves no room, so that cache is off".into()
+            format!(
+                "llama-server keeps finished prompts' KV state in RAM (up to {} GiB by default); the RAM budget leaves no room, so that cache is off",
+                ENGINE_PROMPT_CACHE_DEFAULT_MIB / 1024
+            )
         } else if prompt_cache_mib == ENGINE_PROMPT_CACHE_DEFAULT_MIB {
             format!(
                 "llama-server's default for the RAM that keeps finished prompts' KV state; the RAM budget leaves more ({} MiB)",
@@ -545,7 +548,8 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
             )
         } else {
             format!(
-                "llama-server keeps finished prompts' KV state in RAM (up to 8 GiB by default); capped to what the RAM budget leaves ({} MiB)",
+                "llama-server keeps finished prompts' KV state in RAM (up to {} GiB by default); capped to what the RAM budget leaves ({} MiB)",
+                ENGINE_PROMPT_CACHE_DEFAULT_MIB / 1024,
                 ram_left / MIB
             )
         },
