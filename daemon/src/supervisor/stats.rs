@@ -26,8 +26,12 @@ pub struct PoolCounters {
     pub evictions: u64,
     pub bytes_read: u64,
     pub stall_ns: u64,
+    /// Experts read ahead of the request or stage call that needed them: the pool's
+    /// slot prefetches plus its read-ahead (`stage_ahead`; what the engine uses).
     pub prefetch_issued: u64,
+    /// Of those, experts then needed (`prefetch_useful` + `stage_ahead_used`).
     pub prefetch_used: u64,
+    /// Requests larger than the slots (the pool's `does_not_fit`).
     pub not_fit: u64,
 }
 
@@ -86,9 +90,10 @@ fn counters(v: &serde_json::Value) -> PoolCounters {
         evictions: g(&["evictions"]),
         bytes_read: g(&["bytes_read"]),
         stall_ns: g(&["stall_ns"]),
-        prefetch_issued: g(&["prefetch_issued", "prefetches", "prefetch"]),
-        prefetch_used: g(&["prefetch_used", "prefetch_hits", "prefetch_useful"]),
-        not_fit: g(&["not_fit"]),
+        prefetch_issued: g(&["prefetch_issued", "prefetches", "prefetch"]) + g(&["stage_ahead"]),
+        prefetch_used: g(&["prefetch_used", "prefetch_hits", "prefetch_useful"])
+            + g(&["stage_ahead_used"]),
+        not_fit: g(&["does_not_fit", "not_fit"]),
     }
 }
 
@@ -117,7 +122,8 @@ pub fn parse_pool_stats(text: &[u8]) -> Option<PoolStats> {
                 .enumerate()
                 .map(|(i, l)| {
                     let idx = l.get("layer").and_then(|x| x.as_u64()).unwrap_or(i as u64) as u32;
-                    (idx, counters(l))
+                    // The pool nests a layer's counters in `counters`.
+                    (idx, counters(l.get("counters").unwrap_or(l)))
                 })
                 .collect()
         })
@@ -257,6 +263,54 @@ mod tests {
         assert!(parse_pool_stats(b"{\"hits\":").is_none());
         assert!(parse_pool_stats(b"[]").is_none());
         assert!(read_pool_stats(Path::new("/nonexistent/expertd/stats.json")).is_none());
+    }
+
+    /// The file the pool really writes: totals, per-layer counters nested in `counters`,
+    /// the pool's names for did-not-fit and read-ahead.
+    #[test]
+    fn pool_stats_as_the_pool_writes_them() {
+        use expert_pool::metrics::{Counters, LayerStats, STATS_FORMAT, StatsSnapshot};
+        let c = |hits, misses| Counters {
+            hits,
+            misses,
+            does_not_fit: 2,
+            stage_ahead: 5,
+            stage_ahead_used: 3,
+            prefetch_issued: 1,
+            prefetch_useful: 1,
+            ..Default::default()
+        };
+        let layer = |layer, counters| LayerStats {
+            layer,
+            n_experts: 128,
+            n_slots: 30,
+            resident: 30,
+            counters,
+        };
+        let mut total = c(7, 3);
+        total.add(&c(1, 1));
+        let snap = StatsSnapshot {
+            format: STATS_FORMAT.into(),
+            version: 1,
+            pid: 1,
+            unix_ms: 0,
+            io: "io_uring".into(),
+            direct_files: 1,
+            files: 1,
+            policy: "lfu-decay".into(),
+            warnings: vec![],
+            total,
+            layers: vec![layer(0, c(7, 3)), layer(2, c(1, 1))],
+        };
+        let s = parse_pool_stats(&serde_json::to_vec(&snap).unwrap()).unwrap();
+        assert_eq!((s.total.hits, s.total.misses, s.total.not_fit), (8, 4, 4));
+        assert_eq!((s.total.prefetch_issued, s.total.prefetch_used), (12, 8));
+        assert_eq!(s.layers.len(), 2);
+        assert_eq!(
+            (s.layers[1].0, s.layers[1].1.hits, s.layers[1].1.misses),
+            (2, 1, 1)
+        );
+        assert_eq!(s.layers[0].1.hit_rate(), Some(0.7));
     }
 
     #[test]
