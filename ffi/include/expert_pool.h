@@ -206,7 +206,8 @@ typedef struct ep_stats {
     uint64_t copy_ns;               /* time handing read bytes to the engine (slot copies
                                        or repacks, staging copies) */
     uint64_t stage_ahead;           /* experts read ahead by ep_pool_stage_ahead */
-    uint64_t stage_ahead_used;      /* ... that the next stage call needed */
+    uint64_t stage_ahead_used;      /* ... that the next stage call or request needed */
+    uint64_t ahead_fills;           /* misses of requests filled from those reads */
 } ep_stats;
 
 /* ---- Functions ---------------------------------------------------------------------- */
@@ -261,7 +262,8 @@ ep_status ep_pool_slot_memory(ep_pool *pool, int32_t layer, int32_t proj,
  *   out_slots: n_tokens * n_used int32, row-major (contiguous), written on EP_OK only.
  * On EP_OK every returned slot holds its expert's bytes, the slots of one token are
  * distinct, and they stay valid until the next request for this layer. Blocks while
- * misses (all submitted as one batch) and needed in-flight prefetches complete.
+ * misses (all submitted as one batch; those announced by ep_pool_stage_ahead are
+ * filled from its reads) and needed in-flight prefetches complete.
  * Returns EP_DOES_NOT_FIT (nothing changed) if the distinct experts exceed n_slots.
  * On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) no slot is served and experts
  * whose fill failed are not resident. */
@@ -281,14 +283,16 @@ ep_status ep_pool_stage(ep_pool *pool, int32_t layer, const int32_t *ids,
                         uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
                         ep_stage_fn stage_fn, void *user);
 
-/* Announces experts that the layer's next ep_pool_stage call is likely to need (e.g.
- * predicted by that layer's router from the previous layer's input) and starts reading
- * those not ready in a slot, without waiting (with the pread fallback the reads happen
- * in this call): they proceed while the engine computes the previous layer, and the
- * stage call hands their bytes over instead of reading them again. Replaces the
- * layer's previous announcement; the stage call releases announced experts it did not
- * need. A hint: what ep_pool_stage hands over is the file's bytes either way. *out_n
- * (may be NULL) gets the number of experts whose reads started. */
+/* Announces experts that the layer's next ep_pool_stage or ep_pool_request call is
+ * likely to need (e.g. predicted by that layer's router from the previous layer's
+ * input) and starts reading those not ready in a slot into read buffers, without
+ * waiting (with the pread fallback the reads happen in this call); no slot changes.
+ * The reads proceed while the engine computes the previous layer; the stage call hands
+ * their bytes over instead of reading them again, and a request fills its misses
+ * among them from them. Replaces the previous announcement (of any layer); the stage
+ * call or request releases announced experts it did not need. A hint: the bytes
+ * handed over or filled are the file's either way. *out_n (may be NULL) gets the
+ * number of experts whose reads started. */
 ep_status ep_pool_stage_ahead(ep_pool *pool, int32_t layer, const int32_t *experts,
                               size_t n, uint32_t *out_n);
 

@@ -78,10 +78,14 @@ pub struct Counters {
     /// staging copies); part of `stall_ns` when a request or stage call waited.
     pub copy_ns: u64,
     /// Experts announced by `stage_ahead` and read ahead for the layer's next stage call
-    /// (their bytes count in `bytes_read`).
+    /// or request (their bytes count in `bytes_read`).
     pub stage_ahead: u64,
-    /// Of those, experts the stage call needed (the rest were read for nothing).
+    /// Of those, experts the stage call or request needed (the rest were read for
+    /// nothing).
     pub stage_ahead_used: u64,
+    /// Misses of requests filled from read-ahead reads (also counted in `misses` and
+    /// `stage_ahead_used`): their reads had started before the request.
+    pub ahead_fills: u64,
 }
 
 impl Counters {
@@ -109,6 +113,7 @@ impl Counters {
         self.copy_ns += o.copy_ns;
         self.stage_ahead += o.stage_ahead;
         self.stage_ahead_used += o.stage_ahead_used;
+        self.ahead_fills += o.ahead_fills;
     }
 
     /// Hit rate over distinct requested experts (in-flight hits count as hits), or 0.

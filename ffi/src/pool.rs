@@ -222,13 +222,20 @@ struct Layer {
     sink: Box<dyn SlotSink>,
     counters: Counters,
     expert_bytes: u64,
-    /// Experts announced by [`Pool::stage_ahead`] for the next stage call (by expert).
+    /// Experts announced by [`Pool::stage_ahead`] for the next stage call or request (by
+    /// expert).
     ahead_mark: Vec<bool>,
+    /// By expert: the fill of a request that took the expert's read-ahead reads (its
+    /// reads still in flight feed the fill), or [`NO_FILL`].
+    ahead_fill: Vec<usize>,
     /// Read-ahead reads still in the kernel, by expert.
     ahead_inflight: Vec<u32>,
     /// Finished read-ahead reads not yet handed over: (expert, projection, read, result).
     ahead_done: Vec<(u32, usize, usize, Result<()>)>,
 }
+
+/// No fill (in [`Layer::ahead_fill`]).
+const NO_FILL: usize = usize::MAX;
 
 struct Fill {
     layer: usize,
@@ -700,6 +707,7 @@ impl Inner {
             ahead_mark: vec![false; spec.n_experts as usize],
             ahead_inflight: vec![0; spec.n_experts as usize],
             ahead_done: Vec::new(),
+            ahead_fill: vec![NO_FILL; spec.n_experts as usize],
         });
         let li = spec.layer as usize;
         if self.layer_index.len() <= li {
@@ -727,15 +735,14 @@ impl Inner {
         if self.io.pending() > 0 || self.io.has_completions() {
             self.poll_nowait()?;
         }
+        let mut plan = std::mem::take(&mut self.plan);
+        let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
         if self.ahead_layer == Some(li) {
-            // The layer is served from slots this time (llama.cpp computes the last
-            // layer of a prompt for the output tokens only): the read-ahead was for
-            // nothing. Its buffers go back now; kept, they counted against every later
+            // The request took the announced experts it missed; the rest were read for
+            // nothing. Their buffers go back now: kept, they counted against every later
             // announcement's budget, which then started nothing (bench/RESULTS.md).
             self.forget_ahead(li);
         }
-        let mut plan = std::mem::take(&mut self.plan);
-        let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
         if res.is_ok() {
             self.record(li, ids, n_used, n_tokens, row_stride);
         }
@@ -800,7 +807,11 @@ impl Inner {
                 early_error = Some(e);
             } else {
                 for &f in &plan.fills {
-                    self.start_fill(li, f, false);
+                    if self.layers[li].ahead_mark[f.expert as usize] {
+                        self.take_ahead(li, f);
+                    } else {
+                        self.start_fill(li, f, false);
+                    }
                 }
                 self.io.submit()?;
             }
@@ -876,8 +887,8 @@ impl Inner {
         (started, None)
     }
 
-    /// Starts the reads of one fill (queued; the caller submits).
-    fn start_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) {
+    /// Stores a new fill with no reads yet and returns its id.
+    fn new_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) -> usize {
         let fid = match self.free_fills.pop() {
             Some(i) => i,
             None => {
@@ -895,6 +906,12 @@ impl Inner {
         if prefetch {
             self.prefetch_inflight += 1;
         }
+        fid
+    }
+
+    /// Starts the reads of one fill (queued; the caller submits).
+    fn start_fill(&mut self, li: usize, order: FillOrder, prefetch: bool) {
+        let fid = self.new_fill(li, order, prefetch);
         let (started, error) =
             self.start_expert_reads(li, order.expert, |p| ((fid as u64) << 8) | p as u64);
         let fill = self.fills[fid].as_mut().expect("fill just stored");
@@ -903,6 +920,82 @@ impl Inner {
             fill.error = Some(e);
         }
         if fill.remaining == 0 {
+            self.end_fill(fid);
+        }
+    }
+
+    /// Fills `order` (a miss of a request) from the read-ahead reads of its expert, which
+    /// was announced: those finished feed it now, those in flight when they finish.
+    fn take_ahead(&mut self, li: usize, order: FillOrder) {
+        let fid = self.new_fill(li, order, false);
+        let e = order.expert as usize;
+        let n_projs = self.layers[li].projs.len() as u32;
+        self.fills[fid]
+            .as_mut()
+            .expect("fill just stored")
+            .remaining = n_projs;
+        let l = &mut self.layers[li];
+        // An announced expert has every projection's read started (a failed
+        // announcement is dropped whole), each finished or in flight.
+        debug_assert_eq!(
+            l.ahead_inflight[e]
+                + l.ahead_done.iter().filter(|d| d.0 == order.expert).count() as u32,
+            n_projs
+        );
+        l.ahead_mark[e] = false;
+        l.ahead_fill[e] = fid;
+        l.counters.stage_ahead_used += 1;
+        l.counters.ahead_fills += 1;
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut l.ahead_done)
+            .into_iter()
+            .partition(|d| d.0 == order.expert);
+        l.ahead_done = rest;
+        for (_, proj, op, result) in done {
+            self.fill_read_done(fid, proj, op, result, true);
+        }
+    }
+
+    /// One read of fill `fid` (projection `proj`) finished: hands its bytes to the sink
+    /// (all of them when `whole`, else only what chunks did not already deliver) if the
+    /// fill is still current, releases the read, and ends the fill after its last read.
+    /// `bytes_read` is the caller's to count.
+    fn fill_read_done(
+        &mut self,
+        fid: usize,
+        proj: usize,
+        op: usize,
+        result: Result<()>,
+        whole: bool,
+    ) {
+        let fill = self.fills[fid].as_mut().expect("read of an unknown fill");
+        let order = fill.order;
+        match result {
+            Ok(()) => {
+                let l = &mut self.layers[fill.layer];
+                let current = l.map.generation(order.slot) == order.generation
+                    && l.map.state(order.slot) == SlotState::Filling;
+                if current && fill.error.is_none() && (whole || !l.sink.partial()) {
+                    let data = self.io.data(op);
+                    let (sink, id) = (&mut l.sink, l.id);
+                    let t0 = Instant::now();
+                    in_callback(|| sink.write(id, proj, order.slot, 0, data));
+                    l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
+                }
+            }
+            Err(e) => {
+                if fill.error.is_none() {
+                    fill.error = Some(e);
+                }
+            }
+        }
+        self.io.release(op);
+        let fill = self.fills[fid].as_mut().expect("fill");
+        fill.remaining -= 1;
+        if fill.remaining == 0 {
+            let l = &mut self.layers[fill.layer];
+            if l.ahead_fill[order.expert as usize] == fid {
+                l.ahead_fill[order.expert as usize] = NO_FILL;
+            }
             self.end_fill(fid);
         }
     }
@@ -936,34 +1029,12 @@ impl Inner {
                 }
                 Event::Done { op, tag, result } => {
                     let (fid, proj) = ((tag >> 8) as usize, (tag & 0xff) as usize);
-                    let fill = self.fills[fid].as_mut().expect("read of an unknown fill");
-                    let order = fill.order;
-                    match result {
-                        Ok(()) => {
-                            let l = &mut self.layers[fill.layer];
-                            let data = self.io.data(op);
-                            l.counters.bytes_read += data.len() as u64;
-                            let current = l.map.generation(order.slot) == order.generation
-                                && l.map.state(order.slot) == SlotState::Filling;
-                            if current && fill.error.is_none() && !l.sink.partial() {
-                                let (sink, id) = (&mut l.sink, l.id);
-                                let t0 = Instant::now();
-                                in_callback(|| sink.write(id, proj, order.slot, 0, data));
-                                l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
-                            }
-                        }
-                        Err(e) => {
-                            if fill.error.is_none() {
-                                fill.error = Some(e);
-                            }
-                        }
+                    let fill = self.fills[fid].as_ref().expect("read of an unknown fill");
+                    if result.is_ok() {
+                        self.layers[fill.layer].counters.bytes_read +=
+                            self.io.data(op).len() as u64;
                     }
-                    self.io.release(op);
-                    let fill = self.fills[fid].as_mut().expect("fill");
-                    fill.remaining -= 1;
-                    if fill.remaining == 0 {
-                        self.end_fill(fid);
-                    }
+                    self.fill_read_done(fid, proj, op, result, false);
                 }
             }
         }
@@ -1144,8 +1215,9 @@ impl Inner {
         }
     }
 
-    /// Moves finished read-ahead reads out of `stage_done` to their layers (releasing
-    /// those no announcement wants any more), and releases reads of a stage call that
+    /// Moves finished read-ahead reads out of `stage_done` to their layers (feeding the
+    /// fills of requests that took them, releasing those no announcement wants any
+    /// more), and releases reads of a stage call that
     /// is no longer running (it failed before they finished). What stays is the
     /// running stage call's own.
     fn route_stage_done(&mut self) {
@@ -1170,7 +1242,10 @@ impl Inner {
             if result.is_ok() {
                 l.counters.bytes_read += self.io.data(op).len() as u64;
             }
-            if l.ahead_mark[e as usize] {
+            let fid = l.ahead_fill[e as usize];
+            if fid != NO_FILL {
+                self.fill_read_done(fid, p, op, result, true);
+            } else if l.ahead_mark[e as usize] {
                 l.ahead_done.push((e, p, op, result));
             } else {
                 self.io.release(op);

@@ -367,15 +367,176 @@ fn pool_announcing_within_a_budget(m: &TestModel) -> (Pool, u32) {
     (p, first)
 }
 
-/// A layer served by a request instead of the stage call it was announced for (llama.cpp
-/// computes the last layer of a prompt for the output tokens only) drops the
-/// announcement: its read buffers go back, and later announcements get the whole budget.
+/// Bytes of one expert of the test model (all projections).
+fn expert_bytes(m: &TestModel) -> u64 {
+    (0..3).map(|p| m.expert(0, p, 0).len() as u64).sum()
+}
+
+/// A request fills its misses that were announced from their read-ahead reads (whether
+/// those finished before it or during it) instead of reading them again, with the
+/// file's bytes, and drops the rest of the announcement: its read buffers go back, and
+/// later announcements get the whole budget. (llama.cpp computes the last layer of a
+/// prompt for the output tokens only, so a layer announced for staging can be served by
+/// a request; with decode read-ahead every announcement is for a request.)
+fn run_request_takes_ahead(mode: IoMode, settle_first: bool) {
+    let m = model();
+    let p = pool(&m, mode, None);
+    let mut slots = [0i32; 2];
+    p.request(1, &[0, 1], 2, 1, 2, &mut slots).unwrap();
+    // 0 is resident (skipped); 5 and 6 are read ahead.
+    assert_eq!(p.stage_ahead(1, &[0, 5, 6]).unwrap(), 2);
+    if settle_first {
+        while p.reads_in_flight().unwrap() > 0 {
+            p.poll().unwrap();
+        }
+    }
+    let mut slots = [0i32; 3];
+    p.request(1, &[0, 5, 9], 3, 1, 3, &mut slots).unwrap();
+    for (j, e) in [0u32, 5, 9].into_iter().enumerate() {
+        for pj in 0..3 {
+            assert!(
+                p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e),
+                "expert {e} proj {pj}: bytes differ"
+            );
+        }
+    }
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+    let c = p.counters(Some(1)).unwrap();
+    assert_eq!(
+        (c.hits, c.misses),
+        (1, 2 + 2),
+        "0 hit; 0 and 1 missed before, 5 and 9 now"
+    );
+    assert_eq!(
+        (c.stage_ahead, c.stage_ahead_used, c.ahead_fills),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        c.bytes_read,
+        5 * expert_bytes(&m),
+        "0, 1, 9 on demand, 5 and 6 ahead: 5 not read twice"
+    );
+    assert_eq!(p.read_buffers_held().unwrap(), 0, "6's reads went back");
+    // The announcement is used up: the next request reads 6 itself.
+    let mut slots = [0i32; 1];
+    p.request(1, &[6], 1, 1, 1, &mut slots).unwrap();
+    assert!(p.slot_bytes(1, 2, slots[0] as u32).unwrap().unwrap() == m.expert(0, 2, 6));
+    let c = p.counters(Some(1)).unwrap();
+    assert_eq!((c.stage_ahead_used, c.ahead_fills), (1, 1));
+    assert_eq!(c.bytes_read, 6 * expert_bytes(&m));
+    assert_eq!(c.errors, 0);
+}
+
 #[test]
-fn a_request_drops_the_layers_announcement() {
+fn a_request_takes_announced_misses_uring_direct() {
+    run_request_takes_ahead(IoMode::Auto, false);
+    run_request_takes_ahead(IoMode::Auto, true);
+}
+
+#[test]
+fn a_request_takes_announced_misses_uring_buffered() {
+    run_request_takes_ahead(IoMode::UringBuffered, false);
+    run_request_takes_ahead(IoMode::UringBuffered, true);
+}
+
+#[test]
+fn a_request_takes_announced_misses_pread() {
+    run_request_takes_ahead(IoMode::Pread, false);
+}
+
+/// Through a callback sink (how the engine fills slots): the taken expert's projections
+/// are each handed over once, whole, with the file's bytes.
+#[test]
+fn a_request_hands_read_ahead_bytes_to_a_callback_sink() {
+    use expert_pool::dest::FnSink;
+    use std::sync::{Arc, Mutex};
+    let m = model();
+    let p = Pool::new(config(IoMode::Auto)).unwrap();
+    let f = p.add_file(m.path()).unwrap();
+    // (projection, slot, bytes) of every hand-over
+    type Handed = Vec<(usize, u32, Vec<u8>)>;
+    let got: Arc<Mutex<Handed>> = Arc::default();
+    let g = got.clone();
+    let sink = FnSink(move |_l: i32, proj: usize, slot: u32, data: &[u8]| {
+        g.lock().unwrap().push((proj, slot, data.to_vec()));
+    });
+    p.add_layer(
+        &LayerSpec {
+            layer: 1,
+            n_experts: N_EXPERTS,
+            n_slots: N_SLOTS,
+            projs: m.specs(0, f),
+        },
+        Some(Box::new(sink)),
+    )
+    .unwrap();
+    assert_eq!(p.stage_ahead(1, &[4, 5]).unwrap(), 2);
+    let mut slots = [0i32; 2];
+    p.request(1, &[5, 7], 2, 1, 2, &mut slots).unwrap();
+    let got = got.lock().unwrap();
+    assert_eq!(
+        got.len(),
+        2 * 3,
+        "each projection of 5 and 7 once: {}",
+        got.len()
+    );
+    for (j, e) in [5u32, 7].into_iter().enumerate() {
+        for pj in 0..3 {
+            let n = got
+                .iter()
+                .filter(|(q, s, d)| {
+                    *q == pj && *s == slots[j] as u32 && d[..] == *m.expert(0, pj, e)
+                })
+                .count();
+            assert_eq!(n, 1, "expert {e} proj {pj}");
+        }
+    }
+    assert_eq!(p.counters(Some(1)).unwrap().ahead_fills, 1);
+}
+
+/// A read-ahead read that fails fails the request that took it, like its own read
+/// would: an I/O error, nothing served, the expert not resident; the next request reads
+/// it again and gets the file's bytes.
+#[test]
+fn a_failed_read_ahead_fails_the_request_that_took_it() {
+    for mode in [IoMode::Auto, IoMode::Pread] {
+        let m = model();
+        let p = pool(&m, mode, None);
+        p.inject_faults(&[expert_pool::io::Fault::Errno(libc::EIO)])
+            .unwrap();
+        assert_eq!(p.stage_ahead(1, &[5]).unwrap(), 1);
+        let mut slots = [-7i32; 2];
+        let err = p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap_err();
+        assert!(matches!(err, PoolError::Io { .. }), "{mode:?}: {err}");
+        assert_eq!(slots, [-7, -7], "nothing written on error");
+        let c = p.counters(Some(1)).unwrap();
+        assert_eq!((c.errors, c.requests, c.ahead_fills), (1, 0, 1));
+        p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap();
+        for (j, e) in [5u32, 6].into_iter().enumerate() {
+            for pj in 0..3 {
+                assert!(
+                    p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e),
+                    "{mode:?}: expert {e} proj {pj}"
+                );
+            }
+        }
+        while p.reads_in_flight().unwrap() > 0 {
+            p.poll().unwrap();
+        }
+        assert_eq!(p.read_buffers_held().unwrap(), 0);
+    }
+}
+
+/// An announcement that a request of the layer does not need at all still ends with the
+/// request: its buffers go back and later announcements get the whole budget.
+#[test]
+fn a_request_drops_the_rest_of_the_layers_announcement() {
     let m = model();
     let (p, first) = pool_announcing_within_a_budget(&m);
     let mut slots = [0i32; 2];
-    p.request(1, &[5, 9], 2, 1, 2, &mut slots).unwrap();
+    p.request(1, &[9, 10], 2, 1, 2, &mut slots).unwrap();
     while p.reads_in_flight().unwrap() > 0 {
         p.poll().unwrap();
     }
@@ -389,12 +550,7 @@ fn a_request_drops_the_layers_announcement() {
         first,
         "the whole budget again"
     );
-    // The request's bytes are right, and layer 1's next stage call reads for itself.
-    for (j, e) in [5u32, 9].into_iter().enumerate() {
-        for pj in 0..3 {
-            assert!(p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e));
-        }
-    }
+    // Layer 1's next stage call reads for itself.
     let got = stage(&p, 1, &[6, 8], 2, 1).unwrap();
     assert_eq!(got.from_file.len(), 2 * 3);
     assert_eq!(p.counters(Some(1)).unwrap().stage_ahead_used, 0);

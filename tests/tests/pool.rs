@@ -54,7 +54,7 @@ fn assert_same(stock: &Greedy, other: &Greedy, what: &str) {
 
 /// Stock, patched with the pool off, and the pool at each slot count give bit-identical
 /// greedy output and full log-probability vectors (n_probs = the vocabulary). The slot
-/// counts in `prefetch_at` run once more with prefetch on (off by default).
+/// counts in `prefetch_at` run once more with prefetch (decode read-ahead) on.
 fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: &[u32]) {
     let dir = tempfile::tempdir().unwrap();
     let (path, config) = model(dir.path(), preset, experts, 5);
@@ -103,11 +103,15 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
         let layers = config.layers as u64;
         assert!(total["requests"].as_u64().unwrap() >= 63 * layers, "{s}");
         assert_eq!(total["errors"], 0, "{s}");
-        let prefetched = total["prefetch_issued"].as_u64().unwrap();
+        // Decode read-ahead (prefetch on) filled misses from reads started a layer
+        // early; off, none (a prompt's last layer, served by a request, gets no
+        // read-ahead). The pool's slot-filling prefetch is not used by the engine.
+        let ahead_fills = total["ahead_fills"].as_u64().unwrap();
+        assert_eq!(total["prefetch_issued"], 0, "{s}");
         if !prefetch {
-            assert_eq!(prefetched, 0, "{s}");
+            assert_eq!(ahead_fills, 0, "{s}");
         } else if n < config.n_expert {
-            assert!(prefetched > 0, "prefetch on but nothing prefetched: {s}");
+            assert!(ahead_fills > 0, "prefetch on but no miss read ahead: {s}");
         }
         if n < config.n_expert {
             assert!(
@@ -128,7 +132,7 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
 
 #[test]
 fn pool_is_bit_exact_on_tiny_q4_k() {
-    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32], &[8]);
+    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32], &[4, 8]);
 }
 
 #[test]
@@ -139,7 +143,7 @@ fn pool_is_bit_exact_on_tiny_q8_0() {
 
 #[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
-    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64], &[16]);
+    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64], &[8, 16]);
 }
 
 #[test]

@@ -162,6 +162,7 @@ fn structs_match_the_header() {
         copy_ns,
         stage_ahead,
         stage_ahead_used,
+        ahead_fills,
     });
     // The callback typedefs are the very types the Rust side uses.
     same::<Option<_>>(
