@@ -214,6 +214,43 @@ mod tests {
         }
     }
 
+    /// The online bound of `trace::online_bound` holds every policy's hit rate (up to
+    /// the realised trace's luck), equals the reuse rate when the slots hold only one
+    /// token's experts, and 1 when they hold every expert.
+    #[test]
+    fn the_online_bound_holds_every_policy() {
+        let p = crate::trace::GenParams {
+            layers: 3,
+            experts: 32,
+            used: 4,
+            tokens: 2000,
+            reuse: (0.2, 0.5),
+            zipf: 0.8,
+            seed: 3,
+        };
+        let t = crate::trace::generate(&p).unwrap();
+        let slots = [4, 8, 16, 32];
+        let bounds = crate::trace::online_bound(&p, &slots, 512).unwrap();
+        for (&n, &bound) in slots.iter().zip(&bounds) {
+            for r in sim_table(&t, n).unwrap() {
+                if r.policy != "belady" {
+                    assert!(
+                        r.hit_rate <= bound + 0.01,
+                        "{r:?} beats the bound {bound} at {n} slots"
+                    );
+                }
+            }
+        }
+        assert!((bounds[0] - 0.35).abs() < 1e-9, "mean reuse: {}", bounds[0]);
+        assert!(
+            (bounds[3] - 1.0).abs() < 0.01,
+            "every expert resident: {}",
+            bounds[3]
+        );
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        assert!(crate::trace::online_bound(&p, &[3], 8).is_err());
+    }
+
     #[test]
     fn too_few_slots() {
         let t = trace("expert-trace 1 layers=1 experts=4 used=2\n0 1\n");

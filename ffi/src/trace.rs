@@ -388,66 +388,179 @@ pub struct GenParams {
 /// experts, else among all).
 pub fn generate(p: &GenParams) -> Result<Trace, TraceError> {
     let mut t = Trace::new(p.layers, p.experts, p.used)?;
-    if !(0.0..=1.0).contains(&p.reuse.0) || !(0.0..=1.0).contains(&p.reuse.1) || p.zipf < 0.0 {
-        return Err(TraceError::Invalid(
-            "reuse must be in 0..=1 and zipf >= 0".into(),
-        ));
-    }
-    let (e, k) = (p.experts as usize, p.used as usize);
     let mut rng = Rng::new(p.seed ^ 0x005E_ED0F_E79E);
-    // Per layer: popularity rank -> expert id, and the CDF over ranks.
-    let weights: Vec<f64> = (1..=e).map(|r| (r as f64).powf(-p.zipf)).collect();
-    let sum: f64 = weights.iter().sum();
-    let cdf: Vec<f64> = weights
-        .iter()
-        .scan(0.0, |acc, w| {
-            *acc += w / sum;
-            Some(*acc)
-        })
-        .collect();
-    let perms: Vec<Vec<u16>> = (0..p.layers)
-        .map(|_| {
-            let mut v: Vec<u16> = (0..e as u32).map(|x| x as u16).collect();
-            for i in (1..e).rev() {
-                v.swap(i, rng.below(i + 1));
-            }
-            v
-        })
-        .collect();
-    let reuse_of = |l: u32| {
-        if p.layers <= 1 {
-            p.reuse.0
-        } else {
-            p.reuse.0 + (p.reuse.1 - p.reuse.0) * f64::from(l) / f64::from(p.layers - 1)
-        }
-    };
-    let exclude_prev = e >= 2 * k;
+    let g = Generator::new(p, &mut rng)?;
     let mut prev: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
     let mut cur: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
     for _ in 0..p.tokens {
         for l in 0..p.layers as usize {
-            let r = reuse_of(l as u32);
-            let c = &mut cur[l];
-            c.clear();
-            for &x in &prev[l] {
-                if rng.f64() < r {
-                    c.push(x);
-                }
-            }
-            while c.len() < k {
-                let u = rng.f64();
-                let rank = cdf.partition_point(|&q| q < u).min(e - 1);
-                let x = perms[l][rank];
-                if c.contains(&x) || (exclude_prev && prev[l].contains(&x)) {
-                    continue;
-                }
-                c.push(x);
-            }
+            g.step(l, &prev[l], &mut cur[l], &mut rng);
         }
         t.push_token(&cur)?;
         std::mem::swap(&mut prev, &mut cur);
     }
     Ok(t)
+}
+
+/// What [`generate`] draws from besides its random stream: per layer a popularity order
+/// and the CDF of Zipf weights over ranks, and the reuse per layer.
+struct Generator {
+    experts: usize,
+    used: usize,
+    layers: u32,
+    reuse: (f64, f64),
+    cdf: Vec<f64>,
+    /// Per layer: popularity rank -> expert id.
+    perms: Vec<Vec<u16>>,
+    /// Fresh draws skip the previous token's experts (when there are enough experts).
+    exclude_prev: bool,
+}
+
+impl Generator {
+    /// Checks `p` and draws the popularity orders from `rng`.
+    fn new(p: &GenParams, rng: &mut Rng) -> Result<Generator, TraceError> {
+        if !(0.0..=1.0).contains(&p.reuse.0) || !(0.0..=1.0).contains(&p.reuse.1) || p.zipf < 0.0 {
+            return Err(TraceError::Invalid(
+                "reuse must be in 0..=1 and zipf >= 0".into(),
+            ));
+        }
+        let (e, k) = (p.experts as usize, p.used as usize);
+        let weights: Vec<f64> = (1..=e).map(|r| (r as f64).powf(-p.zipf)).collect();
+        let sum: f64 = weights.iter().sum();
+        let cdf: Vec<f64> = weights
+            .iter()
+            .scan(0.0, |acc, w| {
+                *acc += w / sum;
+                Some(*acc)
+            })
+            .collect();
+        let perms: Vec<Vec<u16>> = (0..p.layers)
+            .map(|_| {
+                let mut v: Vec<u16> = (0..e as u32).map(|x| x as u16).collect();
+                for i in (1..e).rev() {
+                    v.swap(i, rng.below(i + 1));
+                }
+                v
+            })
+            .collect();
+        Ok(Generator {
+            experts: e,
+            used: k,
+            layers: p.layers,
+            reuse: p.reuse,
+            cdf,
+            perms,
+            exclude_prev: e >= 2 * k,
+        })
+    }
+
+    fn reuse_of(&self, l: usize) -> f64 {
+        if self.layers <= 1 {
+            self.reuse.0
+        } else {
+            self.reuse.0 + (self.reuse.1 - self.reuse.0) * l as f64 / f64::from(self.layers - 1)
+        }
+    }
+
+    /// Draws layer `l`'s experts of the token after one that used `prev` into `c`.
+    fn step(&self, l: usize, prev: &[u16], c: &mut Vec<u16>, rng: &mut Rng) {
+        let r = self.reuse_of(l);
+        c.clear();
+        for &x in prev {
+            if rng.f64() < r {
+                c.push(x);
+            }
+        }
+        while c.len() < self.used {
+            let u = rng.f64();
+            let rank = self.cdf.partition_point(|&q| q < u).min(self.experts - 1);
+            let x = self.perms[l][rank];
+            if c.contains(&x) || (self.exclude_prev && prev.contains(&x)) {
+                continue;
+            }
+            c.push(x);
+        }
+    }
+}
+
+/// An upper bound on the hit rate of every online eviction policy (demand fills only,
+/// any rule, even one that knows the generator) on the trace [`generate`] writes for
+/// `p`, for each slot count in `slots` (each at least `p.used`).
+///
+/// Before the request of token t + 1 a layer's slots hold the experts of token t (a
+/// request makes all of its experts resident and nothing is read between requests) and
+/// at most `slots - used` others. The generator is Markov in the previous token's
+/// experts, so whatever a policy knows, its expected hits on token t + 1 are at most
+/// `sum of P(e used at t + 1 | token t)` over token t's experts plus the `slots - used`
+/// largest such probabilities among the other experts. Summed over the trace (token 0,
+/// all misses, is left out) and divided by the requested experts, that is the bound. The
+/// probabilities of experts outside token t are estimated from `samples` draws of the
+/// next token (a separate random stream; the trace is the same as [`generate`]'s); the
+/// estimate's noise biases the top-k sums up, so the bound stays an upper bound.
+/// Token t's experts come back with exactly the layer's reuse probability when fresh
+/// draws exclude them (enough experts); otherwise they are sampled too.
+pub fn online_bound(p: &GenParams, slots: &[u32], samples: u32) -> Result<Vec<f64>, TraceError> {
+    if let Some(&n) = slots.iter().find(|&&n| n < p.used || n > p.experts) {
+        return Err(TraceError::Invalid(format!(
+            "slots {n} not in {}..={}",
+            p.used, p.experts
+        )));
+    }
+    if samples == 0 {
+        return Err(TraceError::Invalid("samples must be > 0".into()));
+    }
+    Trace::new(p.layers, p.experts, p.used)?;
+    let mut rng = Rng::new(p.seed ^ 0x005E_ED0F_E79E);
+    let g = Generator::new(p, &mut rng)?;
+    let mut mc = Rng::new(p.seed ^ 0x0B0D_1DEA_5EED);
+    let (e, k) = (g.experts, g.used);
+    let mut prev: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
+    let mut cur: Vec<Vec<u16>> = vec![Vec::new(); p.layers as usize];
+    let mut expected = vec![0.0f64; slots.len()];
+    let mut requested = 0u64;
+    let mut count = vec![0u32; e];
+    let mut draw = Vec::with_capacity(k);
+    let mut others = Vec::with_capacity(e);
+    for t in 0..p.tokens {
+        for l in 0..p.layers as usize {
+            if t > 0 {
+                let before = &prev[l];
+                count.iter_mut().for_each(|c| *c = 0);
+                for _ in 0..samples {
+                    g.step(l, before, &mut draw, &mut mc);
+                    for &x in &draw {
+                        count[x as usize] += 1;
+                    }
+                }
+                let prob = |x: usize| f64::from(count[x]) / f64::from(samples);
+                let held: f64 = if g.exclude_prev {
+                    g.reuse_of(l) * before.len() as f64
+                } else {
+                    before.iter().map(|&x| prob(x as usize)).sum()
+                };
+                others.clear();
+                others.extend((0..e).filter(|&x| !before.contains(&(x as u16))).map(prob));
+                others.sort_by(|a, b| b.total_cmp(a));
+                for (i, &n) in slots.iter().enumerate() {
+                    let free = (n as usize).saturating_sub(before.len());
+                    expected[i] += held + others.iter().take(free).sum::<f64>();
+                }
+                requested += k as u64;
+            }
+            g.step(l, &prev[l], &mut cur[l], &mut rng);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    Ok(expected
+        .into_iter()
+        .map(|x| {
+            if requested == 0 {
+                0.0
+            } else {
+                x / requested as f64
+            }
+        })
+        .collect())
 }
 
 /// Statistics of one layer of a trace.

@@ -20,6 +20,9 @@ pub enum TraceCommand {
     Stats(StatsArgs),
     /// Write a synthetic trace with given reuse and Zipf popularity.
     Gen(GenArgs),
+    /// Upper bound on any online eviction policy's hit rate on a `trace gen` trace
+    /// (from the generator's own probabilities), next to the policies and Belady.
+    Bound(BoundArgs),
     /// Record a trace from a real run of the stock llama.cpp on a GGUF model.
     Record(record::RecordArgs),
 }
@@ -47,9 +50,9 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-/// Arguments of `expertd trace gen`.
+/// The generator's parameters (`expertd trace gen`, `expertd trace bound`).
 #[derive(Debug, clap::Args)]
-pub struct GenArgs {
+pub struct GenModelArgs {
     /// Consecutive-token reuse: one value, or LO..HI spread over the layers.
     #[arg(long, default_value = "0.36")]
     pub reuse: String,
@@ -71,6 +74,27 @@ pub struct GenArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+impl GenModelArgs {
+    fn params(&self) -> anyhow::Result<GenParams> {
+        Ok(GenParams {
+            layers: self.layers,
+            experts: self.experts,
+            used: self.used,
+            tokens: self.tokens,
+            reuse: parse_reuse(&self.reuse)?,
+            zipf: self.zipf,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Arguments of `expertd trace gen`.
+#[derive(Debug, clap::Args)]
+pub struct GenArgs {
+    #[command(flatten)]
+    pub model: GenModelArgs,
     /// Write the text encoding instead of binary.
     #[arg(long)]
     pub text: bool,
@@ -79,12 +103,29 @@ pub struct GenArgs {
     pub output: PathBuf,
 }
 
+/// Arguments of `expertd trace bound`.
+#[derive(Debug, clap::Args)]
+pub struct BoundArgs {
+    #[command(flatten)]
+    pub model: GenModelArgs,
+    /// Slots per layer (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub slots: Vec<u32>,
+    /// Draws of the next token per token and layer to estimate its probabilities.
+    #[arg(long, default_value_t = 256)]
+    pub samples: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Runs one `expertd trace` subcommand.
 pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TraceCommand::Sim(a) => run_sim(a),
         TraceCommand::Stats(a) => run_stats(a),
         TraceCommand::Gen(a) => run_gen(a),
+        TraceCommand::Bound(a) => run_bound(a),
         TraceCommand::Record(a) => record::run(a),
     }
 }
@@ -208,15 +249,7 @@ fn parse_reuse(s: &str) -> anyhow::Result<(f64, f64)> {
 }
 
 fn run_gen(a: GenArgs) -> anyhow::Result<ExitCode> {
-    let p = GenParams {
-        layers: a.layers,
-        experts: a.experts,
-        used: a.used,
-        tokens: a.tokens,
-        reuse: parse_reuse(&a.reuse)?,
-        zipf: a.zipf,
-        seed: a.seed,
-    };
+    let p = a.model.params()?;
     let t = trace::generate(&p).context("generating the trace")?;
     t.write(&a.output, a.text)
         .with_context(|| format!("writing {}", a.output.display()))?;
@@ -228,6 +261,58 @@ fn run_gen(a: GenArgs) -> anyhow::Result<ExitCode> {
         t.used,
         t.experts
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_bound(a: BoundArgs) -> anyhow::Result<ExitCode> {
+    let p = a.model.params()?;
+    let t = trace::generate(&p).context("generating the trace")?;
+    let bounds = trace::online_bound(&p, &a.slots, a.samples).context("computing the bound")?;
+    let mut rows = Vec::new();
+    for (&slots, &bound) in a.slots.iter().zip(&bounds) {
+        let sim = sim::sim_table(&t, slots).with_context(|| format!("--slots {slots}"))?;
+        let rate = |name: &str| sim.iter().find(|r| r.policy == name).map(|r| r.hit_rate);
+        let belady = rate("belady").context("the simulator has no belady row")?;
+        let best = sim
+            .iter()
+            .filter(|r| r.policy != "belady")
+            .max_by(|x, y| x.hit_rate.total_cmp(&y.hit_rate))
+            .context("the simulator has no policy rows")?;
+        rows.push(serde_json::json!({
+            "slots": slots,
+            "online_bound": bound,
+            "belady": belady,
+            "bound_to_belady": if belady > 0.0 { bound / belady } else { 0.0 },
+            "best_policy": best.policy,
+            "best_policy_hit_rate": best.hit_rate,
+            "best_policy_to_bound": if bound > 0.0 { best.hit_rate / bound } else { 0.0 },
+        }));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "generator: reuse {} zipf {} ({} layers, {} experts, {} used, {} tokens, seed {}); {} samples",
+        a.model.reuse, p.zipf, p.layers, p.experts, p.used, p.tokens, p.seed, a.samples
+    );
+    println!(
+        "{:>6}  {:>12}  {:>8}  {:>14}  {:>21}  {:>12}",
+        "slots", "online bound", "belady", "bound / belady", "best policy", "best / bound"
+    );
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:>6}  {:>11.1}%  {:>7.1}%  {:>14.3}  {:>13} {:>6.1}%  {:>12.3}",
+            r["slots"].as_u64().unwrap_or(0),
+            100.0 * f("online_bound"),
+            100.0 * f("belady"),
+            f("bound_to_belady"),
+            r["best_policy"].as_str().unwrap_or(""),
+            100.0 * f("best_policy_hit_rate"),
+            f("best_policy_to_bound"),
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
