@@ -236,6 +236,33 @@ fn stage_ahead_then_a_changed_file_fails_the_stage_call() {
     assert!(matches!(err, PoolError::FileChanged { .. }), "{err}");
 }
 
+/// The file changes between an announcement and the request that takes its reads: the
+/// request fails with the change named, and nothing is served.
+#[test]
+fn stage_ahead_then_a_changed_file_fails_the_request() {
+    for settle in [false, true] {
+        let m = model();
+        let p = pool(&m, IoMode::Auto, None);
+        p.stage_ahead(1, &[5, 6]).unwrap();
+        if settle {
+            while p.reads_in_flight().unwrap() > 0 {
+                p.poll().unwrap();
+            }
+        }
+        let mut other = m.bytes.clone();
+        fill_random(&mut other, 98);
+        std::fs::write(m.path(), &other).unwrap();
+        let mut slots = [-7i32; 2];
+        let err = p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap_err();
+        assert!(matches!(err, PoolError::FileChanged { .. }), "{err}");
+        assert_eq!(slots, [-7, -7]);
+        while p.reads_in_flight().unwrap() > 0 {
+            p.poll().unwrap();
+        }
+        assert_eq!(p.read_buffers_held().unwrap(), 0);
+    }
+}
+
 #[test]
 fn stage_uring_direct() {
     run(IoMode::Auto);
