@@ -380,6 +380,8 @@ impl Pool {
     /// Makes every expert of `ids` resident and writes its slot to `out`. `ids` holds
     /// `n_tokens` rows of `n_used` expert ids, row `t` at `ids[t * row_stride..]`; `out`
     /// gets `n_tokens * n_used` slots, row-major. Slots of one token are distinct.
+    /// Misses announced by [`Pool::stage_ahead`] are filled from their read-ahead reads;
+    /// the rest of the layer's announcement is dropped.
     pub fn request(
         &self,
         layer: i32,
@@ -411,12 +413,13 @@ impl Pool {
         g.stage(layer, ids, n_used, n_tokens, row_stride, sink)
     }
 
-    /// Announces experts that `layer`'s next stage call is likely to need, and starts
-    /// reading those not ready in a slot (O_DIRECT where possible) without waiting: the
-    /// reads proceed while the engine computes the previous layer, and the stage call
-    /// hands their bytes over instead of reading them again. Replaces the layer's
-    /// previous announcement. Returns the number of experts whose reads started. A
-    /// hint: what a stage call hands over is the file's bytes either way.
+    /// Announces experts that `layer`'s next stage call or request is likely to need,
+    /// and starts reading those not ready in a slot (O_DIRECT where possible) into read
+    /// buffers without waiting: the reads proceed while the engine computes the previous
+    /// layer, and the stage call hands their bytes over (a request fills its misses from
+    /// them) instead of reading them again. Replaces the previous announcement, of any
+    /// layer. Returns the number of experts whose reads started. A hint: what a stage
+    /// call hands over, or a request fills, is the file's bytes either way.
     pub fn stage_ahead(&self, layer: i32, experts: &[i32]) -> Result<u32> {
         let mut g = self.lock()?;
         g.stage_ahead(layer, experts)
