@@ -283,8 +283,8 @@ pub struct PoolConfig {
     /// `pool.policy`: eviction policy passed to the engine (one of [`POLICIES`]); default
     /// [`DEFAULT_POLICY`].
     pub policy: String,
-    /// `pool.prefetch`: prefetch the next layer's likely experts; default false (measured
-    /// not to pay on the bench models: `bench/RESULTS.md`).
+    /// `pool.prefetch`: during decode, read the next layer's likely experts ahead; default
+    /// false (measured not to pay on the bench models: `bench/RESULTS.md`).
     pub prefetch: bool,
 }
 
