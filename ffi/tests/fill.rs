@@ -226,13 +226,7 @@ fn read_errors_are_reported_and_not_served() {
         assert_eq!((c.errors, c.requests), (1, 0));
         // Without faults the same request now succeeds with the right bytes.
         pool.request(0, &[5, 6], 2, 1, 2, &mut out).unwrap();
-        for (j, e) in [5u32, 6].into_iter().enumerate() {
-            for p in 0..3 {
-                assert!(
-                    pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap() == m.expert(0, p, e)
-                );
-            }
-        }
+        assert_slots_hold(&pool, 0, &m, 0, &out, &[5, 6], &format!("{mode:?}"));
     }
 }
 

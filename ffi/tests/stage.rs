@@ -419,14 +419,7 @@ fn run_request_takes_ahead(mode: IoMode, settle_first: bool) {
     }
     let mut slots = [0i32; 3];
     p.request(1, &[0, 5, 9], 3, 1, 3, &mut slots).unwrap();
-    for (j, e) in [0u32, 5, 9].into_iter().enumerate() {
-        for pj in 0..3 {
-            assert!(
-                p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e),
-                "expert {e} proj {pj}: bytes differ"
-            );
-        }
-    }
+    assert_slots_hold(&p, 1, &m, 0, &slots, &[0, 5, 9], &format!("{mode:?}"));
     while p.reads_in_flight().unwrap() > 0 {
         p.poll().unwrap();
     }
@@ -449,7 +442,7 @@ fn run_request_takes_ahead(mode: IoMode, settle_first: bool) {
     // The announcement is used up: the next request reads 6 itself.
     let mut slots = [0i32; 1];
     p.request(1, &[6], 1, 1, 1, &mut slots).unwrap();
-    assert!(p.slot_bytes(1, 2, slots[0] as u32).unwrap().unwrap() == m.expert(0, 2, 6));
+    assert_slots_hold(&p, 1, &m, 0, &slots, &[6], &format!("{mode:?}"));
     let c = p.counters(Some(1)).unwrap();
     assert_eq!((c.stage_ahead_used, c.ahead_fills), (1, 1));
     assert_eq!(c.bytes_read, 6 * expert_bytes(&m));
@@ -541,14 +534,7 @@ fn a_failed_read_ahead_fails_the_request_that_took_it() {
         let c = p.counters(Some(1)).unwrap();
         assert_eq!((c.errors, c.requests, c.ahead_fills), (1, 0, 1));
         p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap();
-        for (j, e) in [5u32, 6].into_iter().enumerate() {
-            for pj in 0..3 {
-                assert!(
-                    p.slot_bytes(1, pj, slots[j] as u32).unwrap().unwrap() == m.expert(0, pj, e),
-                    "{mode:?}: expert {e} proj {pj}"
-                );
-            }
-        }
+        assert_slots_hold(&p, 1, &m, 0, &slots, &[5, 6], &format!("{mode:?}"));
         while p.reads_in_flight().unwrap() > 0 {
             p.poll().unwrap();
         }

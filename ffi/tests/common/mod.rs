@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use expert_pool::ProjSpec;
+use expert_pool::{Pool, ProjSpec};
 
 /// One projection's tensor in a test model.
 #[derive(Debug, Clone, Copy)]
@@ -124,5 +124,27 @@ impl TestModel {
 impl Drop for TestModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Asserts that `slots[j]` of pool layer `layer` holds the file's bytes of `experts[j]`
+/// of model layer `model_layer`, every projection (memory sinks only).
+pub fn assert_slots_hold(
+    pool: &Pool,
+    layer: i32,
+    m: &TestModel,
+    model_layer: usize,
+    slots: &[i32],
+    experts: &[u32],
+    what: &str,
+) {
+    for (&slot, &e) in slots.iter().zip(experts) {
+        for p in 0..m.tensors[model_layer].len() {
+            assert!(
+                pool.slot_bytes(layer, p, slot as u32).unwrap().unwrap()
+                    == m.expert(model_layer, p, e),
+                "{what}: expert {e} proj {p}: bytes differ"
+            );
+        }
     }
 }
