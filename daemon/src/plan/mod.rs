@@ -534,14 +534,15 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
     // RAM budget leaves, at most its own default, so the engine stays within the budget.
     let ram_left = placement.ram.budget.saturating_sub(placement.ram.total());
     let prompt_cache_mib = (ram_left / MIB).min(ENGINE_PROMPT_CACHE_DEFAULT_MIB);
+    let keeps = format!(
+        "llama-server keeps finished prompts' KV state in RAM (up to {} GiB by default)",
+        ENGINE_PROMPT_CACHE_DEFAULT_MIB / 1024
+    );
     reasons.push(Reason {
         topic: "prompt_cache",
         choice: format!("{prompt_cache_mib} MiB"),
         why: if prompt_cache_mib == 0 {
-            format!(
-                "llama-server keeps finished prompts' KV state in RAM (up to {} GiB by default); the RAM budget leaves no room, so that cache is off",
-                ENGINE_PROMPT_CACHE_DEFAULT_MIB / 1024
-            )
+            format!("{keeps}; the RAM budget leaves no room, so that cache is off")
         } else if prompt_cache_mib == ENGINE_PROMPT_CACHE_DEFAULT_MIB {
             format!(
                 "llama-server's default for the RAM that keeps finished prompts' KV state; the RAM budget leaves more ({} MiB)",
@@ -549,8 +550,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
             )
         } else {
             format!(
-                "llama-server keeps finished prompts' KV state in RAM (up to {} GiB by default); capped to what the RAM budget leaves ({} MiB)",
-                ENGINE_PROMPT_CACHE_DEFAULT_MIB / 1024,
+                "{keeps}; capped to what the RAM budget leaves ({} MiB)",
                 ram_left / MIB
             )
         },
