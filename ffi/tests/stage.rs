@@ -61,6 +61,14 @@ fn pool_with(m: &TestModel, cfg: PoolConfig) -> Pool {
     p
 }
 
+/// Waits until no read is in flight: every finished read is routed (released, or kept
+/// for the announcement that wants it).
+fn settle(p: &Pool) {
+    while p.reads_in_flight().unwrap() > 0 {
+        p.poll().unwrap();
+    }
+}
+
 /// What a stage call handed over: expert -> slot, and (expert, proj) -> bytes.
 #[derive(Default)]
 struct Got {
@@ -240,14 +248,12 @@ fn stage_ahead_then_a_changed_file_fails_the_stage_call() {
 /// request fails with the change named, and nothing is served.
 #[test]
 fn stage_ahead_then_a_changed_file_fails_the_request() {
-    for settle in [false, true] {
+    for settle_first in [false, true] {
         let m = model();
         let p = pool(&m, IoMode::Auto, None);
         p.stage_ahead(1, &[5, 6]).unwrap();
-        if settle {
-            while p.reads_in_flight().unwrap() > 0 {
-                p.poll().unwrap();
-            }
+        if settle_first {
+            settle(&p);
         }
         let mut other = m.bytes.clone();
         fill_random(&mut other, 98);
@@ -256,9 +262,7 @@ fn stage_ahead_then_a_changed_file_fails_the_request() {
         let err = p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap_err();
         assert!(matches!(err, PoolError::FileChanged { .. }), "{err}");
         assert_eq!(slots, [-7, -7]);
-        while p.reads_in_flight().unwrap() > 0 {
-            p.poll().unwrap();
-        }
+        settle(&p);
         assert_eq!(p.read_buffers_held().unwrap(), 0);
     }
 }
@@ -370,9 +374,7 @@ fn no_read_buffer_is_held_after_stage_calls() {
     p.stage_ahead(1, &[5, 6, 30]).unwrap();
     stage(&p, 1, &[5, 6, 7, 8], 2, 2).unwrap();
     // 30 was announced and not needed: released when its reads finish.
-    while p.reads_in_flight().unwrap() > 0 {
-        p.poll().unwrap();
-    }
+    settle(&p);
     p.stage_ahead(3, &[1, 2]).unwrap();
     stage(&p, 3, &[1, 2], 2, 1).unwrap();
     assert_eq!(p.read_buffers_held().unwrap(), 0);
@@ -413,16 +415,12 @@ fn run_request_takes_ahead(mode: IoMode, settle_first: bool) {
     // 0 is resident (skipped); 5 and 6 are read ahead.
     assert_eq!(p.stage_ahead(1, &[0, 5, 6]).unwrap(), 2);
     if settle_first {
-        while p.reads_in_flight().unwrap() > 0 {
-            p.poll().unwrap();
-        }
+        settle(&p);
     }
     let mut slots = [0i32; 3];
     p.request(1, &[0, 5, 9], 3, 1, 3, &mut slots).unwrap();
     assert_slots_hold(&p, 1, &m, 0, &slots, &[0, 5, 9], &format!("{mode:?}"));
-    while p.reads_in_flight().unwrap() > 0 {
-        p.poll().unwrap();
-    }
+    settle(&p);
     let c = p.counters(Some(1)).unwrap();
     assert_eq!(
         (c.hits, c.misses),
@@ -535,9 +533,7 @@ fn a_failed_read_ahead_fails_the_request_that_took_it() {
         assert_eq!((c.errors, c.requests, c.ahead_fills), (1, 0, 1));
         p.request(1, &[5, 6], 2, 1, 2, &mut slots).unwrap();
         assert_slots_hold(&p, 1, &m, 0, &slots, &[5, 6], &format!("{mode:?}"));
-        while p.reads_in_flight().unwrap() > 0 {
-            p.poll().unwrap();
-        }
+        settle(&p);
         assert_eq!(p.read_buffers_held().unwrap(), 0);
     }
 }
@@ -550,9 +546,7 @@ fn a_request_drops_the_rest_of_the_layers_announcement() {
     let (p, first) = pool_announcing_within_a_budget(&m);
     let mut slots = [0i32; 2];
     p.request(1, &[9, 10], 2, 1, 2, &mut slots).unwrap();
-    while p.reads_in_flight().unwrap() > 0 {
-        p.poll().unwrap();
-    }
+    settle(&p);
     assert_eq!(
         p.read_buffers_held().unwrap(),
         0,
@@ -575,9 +569,7 @@ fn a_request_drops_the_rest_of_the_layers_announcement() {
 fn a_new_announcement_drops_another_layers() {
     let m = model();
     let (p, first) = pool_announcing_within_a_budget(&m);
-    while p.reads_in_flight().unwrap() > 0 {
-        p.poll().unwrap();
-    }
+    settle(&p);
     assert!(
         p.read_buffers_held().unwrap() > 0,
         "layer 1's reads wait for it"
@@ -644,8 +636,6 @@ fn a_failed_stage_calls_late_reads_are_released() {
     for ((e, proj), bytes) in &got.from_file {
         assert!(bytes == m.expert(0, *proj, *e), "expert {e} proj {proj}");
     }
-    while p.reads_in_flight().unwrap() > 0 {
-        p.poll().unwrap();
-    }
+    settle(&p);
     assert_eq!(p.read_buffers_held().unwrap(), 0);
 }
