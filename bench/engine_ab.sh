@@ -3,7 +3,7 @@
 # that the disk's drift (this VM's virtio disk varies up to 2x over minutes) hits both
 # sides alike. The page cache is dropped before every process. For the patched engine
 # each repetition's pool counters (`expert-pool-rep:` lines) give the time per token spent
-# waiting for reads ("stall") and the rest ("other").
+# waiting for reads ("stall"), the rest ("other") and the hit rate.
 #
 # Usage: bench/engine_ab.sh CAP_MIB ROUNDS MODEL 'A_CMD' 'B_CMD' -- LLAMA_BENCH_ARGS...
 #   A_CMD/B_CMD: a llama-bench binary and its own flags, e.g.
@@ -28,12 +28,14 @@ for line in text.splitlines():
     if line.startswith("expert-pool-rep: "):
         j = json.loads(line[len("expert-pool-rep: "):])
         n = j["n_prompt"] + j["n_gen"]
-        reps.append("%.1f/%.1f" % (j["stall_ns"] / 1e6 / n, (j["t_ns"] - j["stall_ns"]) / 1e6 / n))
+        seen = j["hits"] + j["misses"]
+        reps.append("%.1f/%.1f/%.0f%%" % (j["stall_ns"] / 1e6 / n, (j["t_ns"] - j["stall_ns"]) / 1e6 / n,
+                                          100.0 * j["hits"] / seen if seen else 0.0))
 start = text.find("[\n")
 res = json.loads(text[start:text.rindex("]") + 1]) if start >= 0 else []
 ts = res[0]["samples_ts"] if res else []
 print("tok/s", " ".join("%.1f" % x for x in ts) or "(failed)", end="")
-print("   stall/other ms/token", " ".join(reps) if reps else "", end="")
+print("   stall/other ms/token/hit rate", " ".join(reps) if reps else "", end="")
 print()
 '
 }

@@ -119,13 +119,14 @@ fn main() {
     let el = t.elapsed().as_secs_f64();
     let c = pool.counters(None).unwrap();
     println!(
-        "pool_fill bytes={bytes} depth={depth} mode={} pipe={pipe} direct={} MiB/s={:.1} reads={} hits={} stall_share={:.3} p50_us={} p99_us={}",
+        "pool_fill bytes={bytes} depth={depth} mode={} pipe={pipe} direct={} MiB/s={:.1} reads={} hits={} stall_share={:.3} copy_share={:.3} p50_us={} p99_us={}",
         args.get(4).map(String::as_str).unwrap_or("auto"),
         pool.file_is_direct(f).unwrap(),
         c.bytes_read as f64 / el / (1024.0 * 1024.0),
         c.misses + c.prefetch_issued,
         c.hits + c.inflight_hits,
         c.stall_ns as f64 / 1e9 / el,
+        c.copy_ns as f64 / 1e9 / el,
         pct(0.5),
         pct(0.99)
     );
