@@ -234,7 +234,8 @@ ep_status ep_pool_new(const ep_pool_config *cfg, ep_pool **out);
 
 /* Waits for reads in flight, writes the stats file one last time (if configured),
  * stops the stats thread and frees the pool and the memory it allocated. NULL: no-op.
- * Must not race with other calls on the same pool. */
+ * Must not race with other calls on the same pool. Called from inside a pool callback
+ * it does nothing (ep_last_error says so): the pool stays valid. */
 void ep_pool_delete(ep_pool *pool);
 
 /* Opens a model file (read-only; O_DIRECT too when the io mode wants it and the file
@@ -259,7 +260,8 @@ ep_status ep_pool_slot_memory(ep_pool *pool, int32_t layer, int32_t proj,
  *   ids: n_tokens rows of n_used int32 expert ids; row t starts at
  *        (const char *)ids + t * ids_row_stride (bytes, as ggml's nb[1]; a multiple of
  *        4 and >= 4 * n_used). Ids must be in 0..n_experts-1, distinct within a row.
- *   out_slots: n_tokens * n_used int32, row-major (contiguous), written on EP_OK only.
+ *   out_slots: n_tokens * n_used int32, row-major (contiguous), written on EP_OK only;
+ *        must not overlap ids.
  * On EP_OK every returned slot holds its expert's bytes, the slots of one token are
  * distinct, and they stay valid until the next request for this layer. Blocks while
  * misses (all submitted as one batch; those announced by ep_pool_stage_ahead are
@@ -276,9 +278,10 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
  * expert of ids (same layout as ep_pool_request) to stage_fn, from its slot when it is
  * ready in one, else as its file bytes per projection (all such reads submitted as one
  * batch; each projection handed over as soon as it is in). Does not change the slots
- * or the policy's state. Blocks until every read it started has finished. On an error
- * (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) the staging area must not be used: some
- * experts may be missing or come from a file that changed. */
+ * or the policy's state. Blocks until every read it started has finished, except when
+ * waiting itself fails (the error is returned at once; those reads finish later and
+ * are never handed over). On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) the staging
+ * area must not be used: some experts may be missing or come from a file that changed. */
 ep_status ep_pool_stage(ep_pool *pool, int32_t layer, const int32_t *ids,
                         uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
                         ep_stage_fn stage_fn, void *user);

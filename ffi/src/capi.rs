@@ -334,6 +334,14 @@ pub unsafe extern "C" fn ep_pool_delete(pool: *mut ep_pool) {
     if pool.is_null() {
         return;
     }
+    if crate::pool::in_pool_callback() {
+        // The pool is locked by the call that runs this callback: deleting it here
+        // would deadlock, and free it under that call. Refused; the pool stays valid.
+        set_last_error(
+            "ep_pool_delete called from a pool callback: refused, the pool is not deleted",
+        );
+        return;
+    }
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: pool came from Box::into_raw in ep_pool_new and is deleted once.
         drop(unsafe { Box::from_raw(pool) });
@@ -633,7 +641,7 @@ pub unsafe extern "C" fn ep_pool_request(
             &mut []
         } else {
             // SAFETY: non-null, aligned, valid for n writes by the contract, and not
-            // aliased by ids (an input the pool only reads; the contract forbids overlap).
+            // aliased by ids (the header: ids and out_slots must not overlap).
             unsafe { std::slice::from_raw_parts_mut(out_slots, n) }
         };
         pool.request(layer, ids, n_used, n_tokens, stride, out)?;

@@ -622,10 +622,9 @@ impl IoEngine {
         if self.ring.is_some() {
             let n = self.ops[id].as_ref().expect("just stored").chunks.len();
             for c in 0..n {
-                if let Err(e) = self.push(id, c) {
-                    // Chunks already queued complete later; this one fails the op.
-                    self.fail_chunk(id, c, e);
-                }
+                // Chunks already queued complete later; one that fails or finds the
+                // read failed (while waiting for room) ends here, and so do the rest.
+                self.queue_chunk(id, c);
             }
             if n == 0 {
                 self.finish_op(id);
@@ -657,8 +656,15 @@ impl IoEngine {
 
     /// Releases a finished read and gives its buffer back.
     pub fn release(&mut self, id: OpId) {
+        if let Some(op) = self.ops[id].as_ref() {
+            // Before taking it out: a panic here leaves the buffer with the op, which
+            // `Drop` leaks rather than frees while the kernel may still write into it.
+            assert_eq!(
+                op.in_kernel, 0,
+                "release of a read the kernel may still write into"
+            );
+        }
         if let Some(op) = self.ops[id].take() {
-            debug_assert_eq!(op.in_kernel, 0);
             self.held_bytes -= op.buf.capacity();
             match op.buf {
                 ReadBuf::Arena(b) => self
@@ -724,6 +730,9 @@ impl IoEngine {
                 cqes.push((cqe.user_data(), cqe.result()));
             }
         }
+        // Out of the kernel now, whatever handling them does: if a handler panicked
+        // half-way, `drain` must not wait for completions that were already taken.
+        self.in_kernel -= cqes.len();
         for &(ud, res) in &cqes {
             let res = self.apply_fault(res as isize) as i32;
             let id = (ud >> CHUNK_BITS) as usize;
@@ -748,8 +757,9 @@ impl IoEngine {
         out.append(&mut self.events);
     }
 
+    /// Handles one reaped completion of chunk `c` of read `id` (already counted out of
+    /// [`IoEngine::in_kernel`] by [`IoEngine::reap`]).
     fn on_cqe(&mut self, id: OpId, c: usize, res: i32) {
-        self.in_kernel -= 1;
         let op = self.ops[id]
             .as_mut()
             .expect("completion of an unknown read");
@@ -764,9 +774,7 @@ impl IoEngine {
                 ch.direct = false;
             }
             if (retry || unaligned) && op.error.is_none() {
-                if let Err(e) = self.push(id, c) {
-                    self.fail_chunk(id, c, e);
-                }
+                self.queue_chunk(id, c);
                 return;
             }
             let err = PoolError::Io {
@@ -805,14 +813,31 @@ impl IoEngine {
         }
         if op.error.is_some() {
             // Another chunk failed: stop reading this one.
-            ch.complete = true;
-            op.chunks_left -= 1;
-            self.maybe_finish(id);
+            self.end_chunk(id, c);
             return;
         }
-        if let Err(e) = self.push(id, c) {
-            self.fail_chunk(id, c, e);
+        self.queue_chunk(id, c);
+    }
+
+    /// Queues (the rest of) chunk `c` of read `id`. A chunk that cannot be queued ends
+    /// here: with the error when queuing failed, quietly when the read failed meanwhile
+    /// (another chunk's completion, reaped while waiting for room in the rings).
+    fn queue_chunk(&mut self, id: OpId, c: usize) {
+        match self.push(id, c) {
+            Ok(true) => {}
+            Ok(false) => self.end_chunk(id, c),
+            Err(e) => self.fail_chunk(id, c, e),
         }
+    }
+
+    /// Marks chunk `c` of `id` ended without its bytes (the read has failed already).
+    fn end_chunk(&mut self, id: OpId, c: usize) {
+        let op = self.ops[id].as_mut().expect("op");
+        if !op.chunks[c].complete {
+            op.chunks[c].complete = true;
+            op.chunks_left -= 1;
+        }
+        self.maybe_finish(id);
     }
 
     /// Marks chunk `c` of `id` ended with `err`; the op fails once nothing is in flight.
@@ -855,8 +880,11 @@ impl IoEngine {
 
     /// Queues the rest of chunk `c` of read `id`; submits first when the queue is
     /// full, and reaps when the kernel already has as many reads as the completion
-    /// queue holds.
-    fn push(&mut self, id: OpId, c: usize) -> Result<()> {
+    /// queue holds. Returns whether it queued the chunk: not when the read has failed
+    /// (or ended) by then, since a failed read emits `Done` once none of its chunks is
+    /// in the kernel, after which its buffer may be released: nothing of it may be
+    /// queued after that.
+    fn push(&mut self, id: OpId, c: usize) -> Result<bool> {
         loop {
             let ring = self.ring.as_mut().expect("push needs a ring");
             let cq_cap = ring.params().cq_entries() as usize;
@@ -865,6 +893,9 @@ impl IoEngine {
                 continue;
             }
             let op = self.ops[id].as_mut().expect("push of an unknown read");
+            if op.error.is_some() || op.finished {
+                return Ok(false);
+            }
             let ch = op.chunks[c];
             let pos = ch.start + ch.done;
             let len = (ch.end - pos) as u32;
@@ -882,14 +913,16 @@ impl IoEngine {
                 .user_data(((id as u64) << CHUNK_BITS) | c as u64);
             // SAFETY: the buffer is owned by ops[id], which is neither released nor
             // moved-from until every completion of it has been reaped (in_kernel counts
-            // them), and the descriptors stay open as long as the pool holds the file.
+            // them; `release` asserts it, and a read has not finished, so its `Done`
+            // has not been handed out, checked just above); the descriptors stay open
+            // until the engine has drained (the pool drops its engine before its files).
             let pushed = unsafe { ring.submission().push(&entry) };
             match pushed {
                 Ok(()) => {
                     op.in_kernel += 1;
                     self.in_kernel += 1;
                     self.unsubmitted += 1;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(_) => {
                     // Submission queue full: hand what is queued to the kernel.

@@ -196,6 +196,11 @@ thread_local! {
     static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Whether this thread is inside a pool callback (where pool calls are refused).
+pub fn in_pool_callback() -> bool {
+    IN_CALLBACK.with(|c| c.get())
+}
+
 /// Runs `f` with the re-entrancy flag set.
 fn in_callback<R>(f: impl FnOnce() -> R) -> R {
     struct Reset(bool);
@@ -250,11 +255,13 @@ struct Inner {
     io_mode: IoMode,
     max_prefetch_inflight: usize,
     stage_read_budget: usize,
+    /// Declared before `files`, so it drops first: its `Drop` waits for the reads in
+    /// flight, and may queue the rest of a short read, on the files' descriptors.
+    io: IoEngine,
     files: Vec<ModelFile>,
     layers: Vec<Layer>,
     /// Engine layer index -> index into `layers` (NONE if unregistered).
     layer_index: Vec<u32>,
-    io: IoEngine,
     fills: Vec<Option<Fill>>,
     free_fills: Vec<usize>,
     prefetch_inflight: usize,
@@ -740,7 +747,10 @@ impl Inner {
         }
         let mut plan = std::mem::take(&mut self.plan);
         let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
-        if self.ahead_layer == Some(li) {
+        // A request that does not fit changed nothing: the engine stages that ubatch
+        // instead, and the stage call takes the announced experts.
+        let fits = !matches!(res, Err(PoolError::DoesNotFit { .. }));
+        if self.ahead_layer == Some(li) && fits {
             // The request took the announced experts it missed; the rest were read for
             // nothing. Their buffers go back now: kept, they counted against every later
             // announcement's budget, which then started nothing (bench/RESULTS.md).
@@ -749,13 +759,21 @@ impl Inner {
         if res.is_ok() {
             self.record(li, ids, n_used, n_tokens, row_stride);
         }
-        self.plan = plan;
         let l = &mut self.layers[li];
         match &res {
-            Ok(()) => l.counters.requests += 1,
+            Ok(()) => {
+                // Counted for served requests only, so that they add up to the distinct
+                // experts those requests asked for.
+                let c = &mut l.counters;
+                c.requests += 1;
+                c.hits += u64::from(plan.hits);
+                c.inflight_hits += plan.waits.len() as u64;
+                c.misses += plan.fills.len() as u64;
+            }
             Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
             Err(_) => l.counters.errors += 1,
         }
+        self.plan = plan;
         res.map_err(|e| match e {
             PoolError::DoesNotFit { needed, slots, .. } => PoolError::DoesNotFit {
                 layer,
@@ -782,9 +800,6 @@ impl Inner {
             .plan_request(ids, n_used, n_tokens, row_stride, plan)?;
         let eb = l.expert_bytes;
         let c = &mut l.counters;
-        c.hits += u64::from(plan.hits);
-        c.inflight_hits += plan.waits.len() as u64;
-        c.misses += plan.fills.len() as u64;
         c.prefetch_useful += u64::from(plan.prefetch_useful);
         c.prefetch_useful_bytes += u64::from(plan.prefetch_useful) * eb;
         for ev in &plan.evictions {

@@ -346,16 +346,20 @@ impl SlotMap {
                 "output buffer shorter than n_used * n_tokens",
             ));
         }
+        // Every expert first, so that a failure leaves `out` untouched.
         for t in 0..n_tokens {
-            for j in 0..n_used {
-                let e = ids[t * row_stride + j] as usize;
-                let s = self.expert_slot[e];
+            for &e in &ids[t * row_stride..t * row_stride + n_used] {
+                let s = self.expert_slot[e as usize];
                 if s == NONE || self.state[s as usize] != SlotState::Ready {
                     return Err(PoolError::State(format!(
                         "expert {e} is not resident after its fill"
                     )));
                 }
-                out[t * n_used + j] = s as i32;
+            }
+        }
+        for t in 0..n_tokens {
+            for j in 0..n_used {
+                out[t * n_used + j] = self.expert_slot[ids[t * row_stride + j] as usize] as i32;
             }
         }
         self.held = self.now;

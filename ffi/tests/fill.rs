@@ -301,11 +301,137 @@ fn large_experts_span_several_chunks() {
         check(&[2, 0], &out);
         let c = pool.counters(Some(0)).unwrap();
         // Every fill read both projections but one: the projection whose chunk failed.
-        let all = (c.misses + c.prefetch_issued) * (big + q8_0_bytes(4096, 300));
+        // The failed request's two fills read too, but it was not served, so its
+        // misses are not counted.
+        let all = (c.misses + c.prefetch_issued + 2) * (big + q8_0_bytes(4096, 300));
         assert!(
             [all - big, all - q8_0_bytes(4096, 300)].contains(&c.bytes_read),
             "{mode:?}: bytes_read {} of {all}",
             c.bytes_read
+        );
+    }
+}
+
+/// A pool over a model whose one projection is 1 MiB (four io_uring chunks), with a
+/// queue depth of 1 (a two-entry completion queue): queuing a read's later chunks has
+/// to wait for completions of its earlier ones, which is where a chunk can fail while
+/// the rest of its read is still being queued.
+fn tight_ring_pool(mode: IoMode, name: &str) -> (Pool, TestModel) {
+    let m = write_model(name, 1, 4, &[1 << 20], 3);
+    let pool = Pool::new(PoolConfig {
+        io_mode: mode,
+        policy: PolicyKind::Lru,
+        queue_depth: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let f = pool.add_file(m.path()).unwrap();
+    pool.add_layer(
+        &LayerSpec {
+            layer: 0,
+            n_experts: 4,
+            n_slots: 2,
+            projs: m.specs(0, f),
+        },
+        None,
+    )
+    .unwrap();
+    (pool, m)
+}
+
+/// After a failed read the pool serves the right bytes: a read that fails while its
+/// later chunks are still being queued must not be reported done (and its buffer
+/// handed back) with chunks still going to the kernel, which then wrote into a buffer
+/// the next read had taken, and that read was served with another expert's bytes.
+#[test]
+fn a_read_failing_while_its_chunks_are_queued_ends_before_its_buffer_is_reused() {
+    for mode in [IoMode::Auto, IoMode::UringBuffered] {
+        for round in 0..10 {
+            let what = format!("{mode:?} round {round}");
+            let (pool, m) = tight_ring_pool(mode, "fill-tight-ring.bin");
+            if round % 2 == 0 {
+                // A read error on the first chunk, reaped while the others are queued.
+                pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+            } else {
+                // A failed wait while queuing: the chunks in flight finish later.
+                pool.inject_wait_failure(libc::EIO).unwrap();
+            }
+            let mut out = [-7i32; 1];
+            assert!(pool.request(0, &[0], 1, 1, 1, &mut out).is_err(), "{what}");
+            assert_eq!(out, [-7], "{what}: nothing written on error");
+            // A stage call reads expert 2 into buffers the failed read used.
+            pool.stage_ahead(0, &[2]).unwrap();
+            let mut got = Vec::new();
+            pool.stage(0, &[2], 1, 1, 1, &mut |s| {
+                if let expert_pool::pool::Staged::FromFile { data, .. } = s {
+                    got.extend_from_slice(data);
+                }
+            })
+            .unwrap();
+            assert!(
+                got == m.expert(0, 0, 2),
+                "{what}: staged bytes differ from the file"
+            );
+            pool.request(0, &[1], 1, 1, 1, &mut out).unwrap();
+            assert_slots_hold(&pool, 0, &m, 0, &out, &[1], &what);
+            // Nothing of the failed read is left over: no read in the kernel, no buffer.
+            pool.poll().unwrap();
+            assert_eq!(pool.reads_in_flight().unwrap(), 0, "{what}");
+            assert_eq!(pool.read_buffers_held().unwrap(), 0, "{what}");
+        }
+    }
+}
+
+/// A pool deleted with reads in flight waits for them (short reads included, whose
+/// rest is read on the still-open files) and does not hang.
+#[test]
+fn a_pool_deleted_with_reads_in_flight_finishes() {
+    for mode in [IoMode::Auto, IoMode::UringBuffered] {
+        let (pool, _m) = tight_ring_pool(mode, "fill-delete-inflight.bin");
+        pool.inject_faults(&[Fault::Short(100), Fault::Short(4096)])
+            .unwrap();
+        pool.stage_ahead(0, &[0, 1]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(pool);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{mode:?}: deleting the pool did not finish"));
+    }
+}
+
+/// A failed request writes no slot ids and counts no hits or misses: the counters add
+/// up to the distinct experts of served requests.
+#[test]
+fn a_failed_request_writes_nothing_and_counts_no_hits() {
+    for mode in [IoMode::Auto, IoMode::Pread] {
+        let m = model();
+        let pool = pool_with(mode);
+        let f = pool.add_file(m.path()).unwrap();
+        pool.add_layer(
+            &LayerSpec {
+                layer: 0,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(0, f),
+            },
+            None,
+        )
+        .unwrap();
+        let mut out = [-7i32; 2];
+        pool.request(0, &[0], 1, 1, 1, &mut out[..1]).unwrap();
+        let mut out = [-7i32; 2];
+        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+        // Expert 0 is a hit, expert 1 a miss whose read fails.
+        assert!(pool.request(0, &[0, 1], 2, 1, 2, &mut out).is_err());
+        assert_eq!(out, [-7, -7], "{mode:?}: nothing written on error");
+        let c = pool.counters(Some(0)).unwrap();
+        assert_eq!((c.requests, c.errors), (1, 1), "{mode:?}");
+        assert_eq!(
+            (c.hits, c.inflight_hits, c.misses),
+            (0, 0, 1),
+            "{mode:?}: only the served request counts"
         );
     }
 }
