@@ -111,6 +111,17 @@ impl ModelRef {
         })
     }
 
+    /// The same reference in lower case: Ollama treats names that differ only in case
+    /// as one model.
+    pub fn lowercase(&self) -> ModelRef {
+        ModelRef {
+            host: self.host.to_ascii_lowercase(),
+            namespace: self.namespace.to_ascii_lowercase(),
+            model: self.model.to_ascii_lowercase(),
+            tag: self.tag.to_ascii_lowercase(),
+        }
+    }
+
     /// The manifest's path in a store.
     pub fn manifest_path(&self, store: &Path) -> PathBuf {
         store
@@ -434,7 +445,9 @@ impl Client {
                 reason,
             })
         };
-        if parse(new)? == parse(from)? {
+        // Ollama matches names case-insensitively (`qwen3:30b` and `Qwen3:30B` are one
+        // model), so "the same name" does too.
+        if parse(new)?.lowercase() == parse(from)?.lowercase() {
             return Err(OllamaError::BadName {
                 name: new.into(),
                 reason: "a derived model must have a new name (never overwrite the user's model)"

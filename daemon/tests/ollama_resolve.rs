@@ -328,6 +328,12 @@ async fn derived_models_carry_the_plan_and_never_overwrite() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("never overwrite"), "{e}");
+    // Ollama's names are case-insensitive: another spelling is still the user's model.
+    let e = client
+        .create_derived("Qwen3:30B", "qwen3:30b", &params)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("never overwrite"), "{e}");
     assert_eq!(seen.lock().unwrap().requests.len(), before);
 
     let dropin = ollama::render_dropin(&[("LLAMA_ARG_N_CPU_MOE".into(), "25".into())]);
