@@ -319,6 +319,9 @@ pub struct RestartConfig {
     pub crash_loop_restarts: u32,
     /// `restart.crash_loop_window_secs`: default 300.
     pub crash_loop_window: Duration,
+    /// `restart.reset_after_secs`: an engine that served this long before it crashed
+    /// starts the crash history afresh (its crash gets the first backoff); default 120.
+    pub reset_after: Duration,
 }
 
 /// Where Ollama is, for `ollama:` models.
@@ -422,6 +425,7 @@ struct RawRestart {
     backoff_max_secs: Option<i64>,
     crash_loop_restarts: Option<i64>,
     crash_loop_window_secs: Option<i64>,
+    reset_after_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -566,14 +570,10 @@ impl Config {
             port,
             extra_args,
             env: env_vars,
-            start_timeout: Duration::from_secs(
-                positive(e.start_timeout_secs, 600, "engine.start_timeout_secs")
-                    .map_err(|r| invalid("engine.start_timeout_secs", r))?,
-            ),
-            stop_timeout: Duration::from_secs(
-                positive(e.stop_timeout_secs, 10, "engine.stop_timeout_secs")
-                    .map_err(|r| invalid("engine.stop_timeout_secs", r))?,
-            ),
+            start_timeout: seconds(e.start_timeout_secs, 600)
+                .map_err(|r| invalid("engine.start_timeout_secs", r))?,
+            stop_timeout: seconds(e.stop_timeout_secs, 10)
+                .map_err(|r| invalid("engine.stop_timeout_secs", r))?,
         };
 
         let p = raw.pool;
@@ -652,14 +652,10 @@ impl Config {
         };
 
         let r = raw.restart;
-        let backoff_initial = Duration::from_millis(
-            positive(r.backoff_initial_ms, 500, "restart.backoff_initial_ms")
-                .map_err(|e| invalid("restart.backoff_initial_ms", e))?,
-        );
-        let backoff_max = Duration::from_secs(
-            positive(r.backoff_max_secs, 30, "restart.backoff_max_secs")
-                .map_err(|e| invalid("restart.backoff_max_secs", e))?,
-        );
+        let backoff_initial = millis(r.backoff_initial_ms, 500)
+            .map_err(|e| invalid("restart.backoff_initial_ms", e))?;
+        let backoff_max =
+            seconds(r.backoff_max_secs, 30).map_err(|e| invalid("restart.backoff_max_secs", e))?;
         if backoff_max < backoff_initial {
             return Err(invalid(
                 "restart.backoff_max_secs",
@@ -672,13 +668,13 @@ impl Config {
         let restart = RestartConfig {
             backoff_initial,
             backoff_max,
-            crash_loop_restarts: positive(r.crash_loop_restarts, 5, "")
+            crash_loop_restarts: positive(r.crash_loop_restarts, 5)
                 .map_err(|e| invalid("restart.crash_loop_restarts", e))?
                 .min(u32::MAX as u64) as u32,
-            crash_loop_window: Duration::from_secs(
-                positive(r.crash_loop_window_secs, 300, "")
-                    .map_err(|e| invalid("restart.crash_loop_window_secs", e))?,
-            ),
+            crash_loop_window: seconds(r.crash_loop_window_secs, 300)
+                .map_err(|e| invalid("restart.crash_loop_window_secs", e))?,
+            reset_after: seconds(r.reset_after_secs, 120)
+                .map_err(|e| invalid("restart.reset_after_secs", e))?,
         };
 
         let o = raw.ollama;
@@ -752,11 +748,35 @@ fn require_absolute(p: PathBuf, what: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn positive(v: Option<i64>, default: u64, _key: &str) -> Result<u64, String> {
+fn positive(v: Option<i64>, default: u64) -> Result<u64, String> {
     match v {
         None => Ok(default),
         Some(n) if n > 0 => Ok(n as u64),
         Some(n) => Err(format!("must be a positive integer, got {n}")),
+    }
+}
+
+/// The longest any duration key may be: one day. Longer values are surely mistakes, and
+/// the supervisor adds durations to the clock, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A `*_secs` key: 1..=86400.
+fn seconds(v: Option<i64>, default: u64) -> Result<Duration, String> {
+    in_range(v, default, MAX_DURATION.as_secs()).map(Duration::from_secs)
+}
+
+/// A `*_ms` key: 1..=86400000.
+fn millis(v: Option<i64>, default: u64) -> Result<Duration, String> {
+    in_range(v, default, MAX_DURATION.as_millis() as u64).map(Duration::from_millis)
+}
+
+fn in_range(v: Option<i64>, default: u64, max: u64) -> Result<u64, String> {
+    match v {
+        None => Ok(default),
+        Some(n) if n > 0 && n as u64 <= max => Ok(n as u64),
+        Some(n) => Err(format!(
+            "must be a positive integer up to one day (1..={max}), got {n}"
+        )),
     }
 }
 

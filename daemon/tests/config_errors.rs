@@ -94,6 +94,41 @@ const BAD: &[(&str, &str, &str)] = &[
         "positive",
     ),
     (
+        "model = \"m.gguf\"\n[engine]\nstart_timeout_secs = 9223372036854775807",
+        "engine.start_timeout_secs",
+        "(1..=86400), got 9223372036854775807",
+    ),
+    (
+        "model = \"m.gguf\"\n[engine]\nstop_timeout_secs = 86401",
+        "engine.stop_timeout_secs",
+        "1..=86400",
+    ),
+    (
+        "model = \"m.gguf\"\n[restart]\nbackoff_initial_ms = 86400001",
+        "restart.backoff_initial_ms",
+        "1..=86400000",
+    ),
+    (
+        "model = \"m.gguf\"\n[restart]\nbackoff_max_secs = 100000",
+        "restart.backoff_max_secs",
+        "1..=86400",
+    ),
+    (
+        "model = \"m.gguf\"\n[restart]\ncrash_loop_window_secs = 100000",
+        "restart.crash_loop_window_secs",
+        "1..=86400",
+    ),
+    (
+        "model = \"m.gguf\"\n[restart]\nreset_after_secs = 0",
+        "restart.reset_after_secs",
+        "positive",
+    ),
+    (
+        "model = \"m.gguf\"\n[restart]\nreset_after_secs = 86401",
+        "restart.reset_after_secs",
+        "1..=86400",
+    ),
+    (
         "model = \"m.gguf\"\n[engine]\nenv = { \"A=B\" = \"1\" }",
         "engine.env",
         "not a variable name",
@@ -201,6 +236,7 @@ fn a_model_is_all_a_config_needs() {
     assert!(!c.pool.prefetch && c.watch);
     assert_eq!(c.plan.parallel, 1);
     assert_eq!(c.restart.crash_loop_restarts, 5);
+    assert_eq!(c.restart.reset_after, Duration::from_secs(120));
     // Not a service, not root: per-user places.
     assert_eq!(c.state_dir, PathBuf::from("/home/op/.local/state/expertd"));
     assert_eq!(
@@ -287,6 +323,7 @@ backoff_initial_ms = 100
 backoff_max_secs = 5
 crash_loop_restarts = 3
 crash_loop_window_secs = 60
+reset_after_secs = 90
 [ollama]
 url = "http://10.0.0.2:11434"
 models_dir = "/srv/ollama"
@@ -302,8 +339,13 @@ models_dir = "/srv/ollama"
     assert_eq!(c.plan.kv_type, Some(KvType::Q8_0));
     assert!(c.pool.prefetch);
     assert_eq!(c.restart.backoff_initial, Duration::from_millis(100));
+    assert_eq!(c.restart.reset_after, Duration::from_secs(90));
     assert!(c.socket_explicit && !c.watch);
     assert_eq!(c.client_sockets(), vec![PathBuf::from("/srv/s.sock")]);
+    // The largest durations are accepted.
+    let c = parse("model = \"m\"\n[engine]\nstart_timeout_secs = 86400\n[restart]\nbackoff_initial_ms = 86400000\nbackoff_max_secs = 86400").unwrap();
+    assert_eq!(c.engine.start_timeout, Duration::from_secs(86400));
+    assert_eq!(c.restart.backoff_initial, Duration::from_millis(86_400_000));
 }
 
 #[test]
@@ -349,6 +391,7 @@ fn the_example_config_is_valid_and_documents_every_key() {
         "backoff_max_secs",
         "crash_loop_restarts",
         "crash_loop_window_secs",
+        "reset_after_secs",
         "url",
         "models_dir",
     ] {

@@ -1,5 +1,6 @@
 //! End-to-end tests of `expertd serve` with the real llama-server on a tiny synthetic model:
-//! serving, restart after kill -9, crash loop, invalid config, model change, SIGTERM.
+//! serving, restart after kill -9, crash loop, invalid config, model change (also to a model
+//! that appears later), socket change, SIGTERM.
 //! They fail (never skip) when no llama-server is built: see `daemon_support::engine_binary`.
 //! Each test holds a lock so that only one engine runs at a time.
 
@@ -242,6 +243,116 @@ fn a_changed_model_file_is_replanned_and_restarted() {
     wait_for("engine gone", Duration::from_secs(5), || {
         (!alive(s["engine"]["pid"].as_u64().unwrap() as u32)).then_some(())
     });
+}
+
+#[test]
+fn a_config_naming_a_model_not_there_yet_is_applied_when_it_appears() {
+    let _one = serial();
+    let engine = engine_binary();
+    let models = tempfile::tempdir().unwrap();
+    let model = models.path().join("model.gguf");
+    std::fs::copy(tiny_model(), &model).unwrap();
+    let mut d = Daemon::start(&model, &engine, "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().unwrap();
+
+    // The config names a model in a directory that does not exist yet: reported, and the
+    // running engine keeps serving.
+    let next = models.path().join("new/next.gguf");
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let model_line = format!("model = {:?}", model.display().to_string());
+    assert!(text.contains(&model_line), "{text}");
+    d.write_config(&text.replace(
+        &model_line,
+        &format!("model = {:?}", next.display().to_string()),
+    ));
+    let s = d.wait_status("missing model reported", Duration::from_secs(30), |s| {
+        s["config"]["error"].is_string()
+    });
+    assert_eq!(s["engine"]["pid"].as_u64(), Some(pid));
+    assert_eq!(s["engine"]["state"], "serving");
+
+    // The download arrives (directory first, then the file renamed into place): applied
+    // without SIGHUP.
+    std::fs::create_dir(models.path().join("new")).unwrap();
+    let part = models.path().join("new/next.gguf.part");
+    write_tiny_model(&part, 11);
+    std::fs::rename(&part, &next).unwrap();
+    let s = d.wait_status("the new model applied", SERVE, |s| {
+        s["engine"]["replans"] == 1
+            && s["engine"]["state"] == "serving"
+            && s["config"]["error"].is_null()
+    });
+    assert_eq!(s["model"]["path"], next.display().to_string());
+    assert_ne!(s["engine"]["pid"].as_u64(), Some(pid));
+    assert!(d.complete("New model", 4).is_ok());
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn a_changed_socket_is_moved_to_on_reload() {
+    let _one = serial();
+    let engine = engine_binary();
+    let mut d = Daemon::start(&tiny_model(), &engine, "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let old = d.socket.clone();
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let socket_line = |p: &std::path::Path| format!("socket = {:?}", p.display().to_string());
+    assert!(text.contains(&socket_line(&old)), "{text}");
+
+    // A new socket (in a directory that does not exist yet): served, the old one removed,
+    // and the engine untouched.
+    let new = d.dir.path().join("run2/status.sock");
+    d.write_config(&text.replace(&socket_line(&old), &socket_line(&new)));
+    d.socket = new.clone();
+    let s = d.wait_status("status on the new socket", Duration::from_secs(30), |s| {
+        s["daemon"]["socket"] == new.display().to_string()
+    });
+    assert!(s["daemon"]["socket_error"].is_null());
+    assert_eq!(s["engine"]["pid"].as_u64(), Some(pid));
+    wait_for("old socket removed", Duration::from_secs(5), || {
+        (!old.exists()).then_some(())
+    });
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A socket path that cannot be made: reported, the current socket kept.
+    let blocked = d.dir.path().join("not-a-socket");
+    std::fs::write(&blocked, b"a file").unwrap();
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    d.write_config(&text.replace(&socket_line(&new), &socket_line(&blocked)));
+    let s = d.wait_status("socket error in status", Duration::from_secs(30), |s| {
+        s["daemon"]["socket_error"].is_string()
+    });
+    let err = s["daemon"]["socket_error"].as_str().unwrap();
+    assert!(
+        err.contains("not applied") && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(s["daemon"]["socket"], new.display().to_string());
+    assert_eq!(s["engine"]["state"], "serving");
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may still listen on an earlier socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+    assert!(!new.exists(), "socket left behind");
 }
 
 #[test]

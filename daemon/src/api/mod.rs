@@ -2,7 +2,9 @@
 //!
 //! Routes: `GET /status` (the document in [`wire`]), `GET /metrics` (Prometheus text),
 //! `GET /health` (200 "ok" while the daemon runs). Requests read the latest state from
-//! `watch` channels and do no other I/O.
+//! `watch` channels and do no other I/O. When a reload applies a config with another
+//! `socket`, [`serve`] binds the new path, serves it and removes the old one; if the new
+//! path cannot be bound it keeps the old one and says why in `daemon.socket_error`.
 //!
 //! Invariants: only this module (in [`wire`]) derives `Serialize` for daemon state.
 
@@ -66,7 +68,10 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 pub struct Sources {
     pub status: watch::Receiver<Status>,
     pub metrics: watch::Receiver<EngineMetrics>,
+    /// The socket being served.
     pub socket: PathBuf,
+    /// Why the socket the applied config names is not the one being served, if it is not.
+    pub socket_error: Option<String>,
 }
 
 fn respond(status: u16, content_type: &str, body: String) -> hyper::Response<Full<Bytes>> {
@@ -88,7 +93,7 @@ pub fn handle(method: &hyper::Method, path: &str, src: &Sources) -> hyper::Respo
             let doc = {
                 let s = src.status.borrow();
                 let m = src.metrics.borrow();
-                wire::status_doc(&s, &m, &src.socket)
+                wire::status_doc(&s, &m, &src.socket, src.socket_error.as_deref())
             };
             match serde_json::to_string_pretty(&doc) {
                 Ok(mut body) => {
@@ -115,16 +120,33 @@ pub fn handle(method: &hyper::Method, path: &str, src: &Sources) -> hyper::Respo
     }
 }
 
-/// Serves requests until `shutdown` resolves.
+/// Serves requests until `shutdown` resolves, moving to the socket the status names
+/// ([`Status::socket`]) when it changes. Returns the socket served last (for its removal).
 pub async fn serve(
-    listener: UnixListener,
-    src: Sources,
+    mut listener: UnixListener,
+    mut src: Sources,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+) -> PathBuf {
     tokio::pin!(shutdown);
+    let mut status = src.status.clone();
+    // False once the supervisor is gone (no more changes can come).
+    let mut status_open = true;
+    // A socket that could not be bound; tried again only after the config names another.
+    let mut failed: Option<PathBuf> = None;
     loop {
         let stream = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => return src.socket,
+            r = status.changed(), if status_open => {
+                if r.is_err() {
+                    status_open = false;
+                    continue;
+                }
+                let wanted = status.borrow_and_update().socket.clone();
+                if let Some(l) = move_socket(&wanted, &mut src, &mut failed).await {
+                    listener = l;
+                }
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -147,6 +169,48 @@ pub async fn serve(
                 tracing::debug!("status connection: {e}");
             }
         });
+    }
+}
+
+/// Binds `wanted` if it is not the socket being served and did not fail already (`failed`);
+/// on success removes the old socket and returns the new listener.
+async fn move_socket(
+    wanted: &Path,
+    src: &mut Sources,
+    failed: &mut Option<PathBuf>,
+) -> Option<UnixListener> {
+    if wanted == src.socket {
+        *failed = None;
+        src.socket_error = None;
+        return None;
+    }
+    if failed.as_deref() == Some(wanted) {
+        return None;
+    }
+    match bind(wanted).await {
+        Ok(l) => {
+            tracing::info!(
+                "status socket moved from {} to {}",
+                src.socket.display(),
+                wanted.display()
+            );
+            let old = std::mem::replace(&mut src.socket, wanted.to_path_buf());
+            let _ = std::fs::remove_file(&old);
+            *failed = None;
+            src.socket_error = None;
+            Some(l)
+        }
+        Err(e) => {
+            let msg = format!(
+                "socket {} not applied, still serving {}: {e}",
+                wanted.display(),
+                src.socket.display()
+            );
+            tracing::error!("{msg}");
+            *failed = Some(wanted.to_path_buf());
+            src.socket_error = Some(msg);
+            None
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! {
 //!   "schema": 1,
 //!   "daemon": { "version", "pid", "started_at" (unix s), "uptime_s", "state": "running"|"stopping",
-//!               "config_path", "socket", "reloads" },
+//!               "config_path", "socket" (served), "socket_error": string|null (why the
+//!               config's socket is not the one served), "reloads" },
 //!   "host":   null | { "total_ram", "cgroup_memory_limit", "usable_cores", "disk_read_bytes_per_sec",
 //!                      "gpus": [{index, name, total_memory, free_memory}] },   // the last probe
 //!   "config": { "path", "error": string|null },          // error: the config on disk is not applied
@@ -79,6 +80,7 @@ pub struct DaemonDoc {
     pub state: &'static str,
     pub config_path: Option<String>,
     pub socket: String,
+    pub socket_error: Option<String>,
     pub reloads: u32,
 }
 
@@ -343,7 +345,12 @@ fn pool_layer(layer: u32, c: &PoolCounters) -> PoolLayerDoc {
 }
 
 /// Builds the status document.
-pub fn status_doc(s: &Status, m: &EngineMetrics, socket: &std::path::Path) -> StatusDoc {
+pub fn status_doc(
+    s: &Status,
+    m: &EngineMetrics,
+    socket: &std::path::Path,
+    socket_error: Option<&str>,
+) -> StatusDoc {
     let now = SystemTime::now();
     let e = &s.engine;
     let pool = match (&m.pool, s.plan.as_ref().and_then(|p| p.pool.as_ref())) {
@@ -392,6 +399,7 @@ pub fn status_doc(s: &Status, m: &EngineMetrics, socket: &std::path::Path) -> St
             state: if s.stopping { "stopping" } else { "running" },
             config_path: s.config_path.as_ref().map(|p| p.display().to_string()),
             socket: socket.display().to_string(),
+            socket_error: socket_error.map(String::from),
             reloads: s.reloads,
         },
         host: s.snapshot.as_ref().map(|snap| HostDoc {

@@ -68,6 +68,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         Ok(b) => b,
         Err(e @ crate::api::ClientError::Unreachable { .. }) => {
             eprintln!("expertd: {e}");
+            // A daemon applies a changed `socket` on reload, but keeps its old socket when
+            // the new one cannot be made (or it runs with another config).
+            eprintln!(
+                "expertd: if a daemon runs, it may still listen on an earlier socket (one started with another config, or a socket change it could not apply: see its log)"
+            );
             return Ok(ExitCode::from(EXIT_UNAVAILABLE));
         }
         Err(e) => return Err(e.into()),
@@ -169,6 +174,9 @@ pub fn summary(d: &serde_json::Value) -> String {
         o.push_str(&format!(
             "decode: {t:.1} tok/s (average since the engine started)\n"
         ));
+    }
+    if let Some(e) = d["daemon"]["socket_error"].as_str() {
+        o.push_str(&format!("socket: {e}\n"));
     }
     if let Some(c) = d["config"]["error"].as_str() {
         o.push_str(&format!("config error (not applied): {c}\n"));

@@ -1,5 +1,9 @@
 //! The engine process: spawned in its own process group, its output forwarded line by line
 //! to tracing, and owned by a guard that kills and reaps the whole group on drop.
+//!
+//! Invariant: the group is signalled only while its leader is unreaped (the leader, a
+//! zombie at worst, keeps the pgid from being reused), plus one SIGKILL right after the
+//! leader is reaped, to its stragglers; never later, when the pgid could be another's.
 
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -22,7 +26,9 @@ pub struct EngineChild {
     /// The last lines the engine printed (stdout and stderr interleaved).
     tail: Arc<Mutex<VecDeque<String>>>,
     pub started: Instant,
-    reaped: bool,
+    /// The leader's exit status once it was reaped: from then on the group is not
+    /// signalled any more.
+    reaped: Option<ExitStatus>,
 }
 
 impl EngineChild {
@@ -64,7 +70,7 @@ impl EngineChild {
             pid,
             tail,
             started: Instant::now(),
-            reaped: false,
+            reaped: None,
         })
     }
 
@@ -81,26 +87,38 @@ impl EngineChild {
             .unwrap_or_default()
     }
 
-    /// Waits for the leader to exit (cancel safe), then kills what is left of its group.
+    /// Waits for the leader to exit (cancel safe), reaps it and kills what is left of its
+    /// group, once; later calls return the same status.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(status) = self.reaped {
+            return Ok(status);
+        }
         let status = self.child.wait().await?;
-        self.reaped = true;
-        self.signal_group(Signal::KILL);
+        // Right after the reap, stragglers of the engine still hold the pgid: kill them.
+        self.kill_group(Signal::KILL);
+        self.reaped = Some(status);
         Ok(status)
     }
 
-    /// Sends `sig` to the whole process group; a group that is gone is not an error.
+    /// Sends `sig` to the whole process group while its leader is unreaped (a group that
+    /// is gone is not an error); does nothing after.
     pub fn signal_group(&self, sig: Signal) {
+        if self.reaped.is_none() {
+            self.kill_group(sig);
+        }
+    }
+
+    fn kill_group(&self, sig: Signal) {
         if let Some(pgid) = Pid::from_raw(self.pid as i32) {
             let _ = rustix::process::kill_process_group(pgid, sig);
         }
     }
 
-    /// SIGTERM to the group, then SIGKILL after `timeout`; returns the leader's status.
+    /// SIGTERM to the group, then SIGKILL after `timeout`; returns the leader's status
+    /// (the recorded one if it was already reaped).
     pub async fn stop(&mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
-        if self.reaped {
-            self.signal_group(Signal::KILL);
-            return Ok(ExitStatus::from_raw(0));
+        if let Some(status) = self.reaped {
+            return Ok(status);
         }
         self.signal_group(Signal::TERM);
         match tokio::time::timeout(timeout, self.wait()).await {
@@ -119,10 +137,10 @@ impl EngineChild {
 
 impl Drop for EngineChild {
     fn drop(&mut self) {
-        self.signal_group(Signal::KILL);
-        if self.reaped {
+        if self.reaped.is_some() {
             return;
         }
+        self.signal_group(Signal::KILL);
         // Reap the leader: it dies promptly after SIGKILL; tokio's orphan queue reaps it
         // later if it takes longer than this.
         for _ in 0..100 {
@@ -235,6 +253,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!alive(pid), "leader not reaped");
+    }
+
+    #[tokio::test]
+    async fn stop_after_the_engine_exited_reports_its_real_status() {
+        let mut c = sh("exit 3");
+        let status = c.wait().await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with status 3");
+        // Waiting again and stopping give the recorded status, and signal nothing.
+        assert_eq!(
+            describe_exit(&c.wait().await.unwrap()),
+            "exited with status 3"
+        );
+        let status = c.stop(Duration::from_millis(100)).await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with status 3");
     }
 
     #[tokio::test]

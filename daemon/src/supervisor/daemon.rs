@@ -4,7 +4,10 @@
 //! Exit codes (for systemd's `RestartPreventExitStatus=` and scripts): 0 clean stop;
 //! [`EXIT_CONFIG`] (78) the config is invalid, or the model or engine it names cannot be
 //! used (restarting will not help); [`EXIT_CANTCREAT`] (73) the status socket cannot be
-//! made (e.g. another daemon runs); [`EXIT_SOFTWARE`] (70) an internal failure.
+//! made (e.g. another daemon runs); [`EXIT_SOFTWARE`] (70) an internal failure, such as
+//! the supervisor task ending on its own (a panic): the daemon then stops serving status
+//! and exits rather than answer with a frozen state (the engine child's guard has already
+//! killed the engine's process group when the task's state was dropped).
 
 use std::path::PathBuf;
 
@@ -33,6 +36,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signals(std::io::Error),
+    /// The supervisor task ended without being told to (it panicked).
+    #[error("the supervisor task ended unexpectedly: {0}")]
+    Supervisor(String),
 }
 
 impl DaemonError {
@@ -41,7 +47,7 @@ impl DaemonError {
         match self {
             DaemonError::Config(_) | DaemonError::Prepare(_) => EXIT_CONFIG,
             DaemonError::Socket(_) => EXIT_CANTCREAT,
-            DaemonError::Signals(_) => EXIT_SOFTWARE,
+            DaemonError::Signals(_) | DaemonError::Supervisor(_) => EXIT_SOFTWARE,
         }
     }
 }
@@ -77,17 +83,20 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         status_tx,
         sd::Notifier::from_env(),
     );
-    let sup_task = tokio::spawn(supervisor.run(cmd_rx));
+    let mut sup_task = tokio::spawn(supervisor.run(cmd_rx));
     let poll_task = tokio::spawn(stats::poll(status_rx.clone(), metrics_tx));
     let sources = crate::api::Sources {
         status: status_rx,
         metrics: metrics_rx,
         socket: config.socket.clone(),
+        socket_error: None,
     };
     let api_task = tokio::spawn(crate::api::serve(listener, sources, async move {
         let _ = stop_api_rx.wait_for(|v| *v).await;
     }));
 
+    // Set when the supervisor task ended before it was told to stop.
+    let mut failure = None;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
@@ -95,16 +104,34 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
             _ = hup.recv() => {
                 let _ = cmd_tx.send(Command::Reload { why: "SIGHUP".into() }).await;
             }
+            r = &mut sup_task => {
+                let why = match r {
+                    Ok(()) => "it returned".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!("the supervisor task ended unexpectedly ({why}): stopping");
+                failure = Some(why);
+                break;
+            }
         }
     }
-    let _ = cmd_tx.send(Command::Shutdown).await;
-    if let Err(e) = sup_task.await {
-        tracing::error!("supervisor task: {e}");
+    if failure.is_none() {
+        let _ = cmd_tx.send(Command::Shutdown).await;
+        if let Err(e) = sup_task.await {
+            tracing::error!("supervisor task: {e}");
+            failure = Some(e.to_string());
+        }
     }
     let _ = stop_api_tx.send(true);
-    let _ = api_task.await;
+    // The API task returns the socket it served last (a reload may have moved it).
+    let socket = api_task.await.unwrap_or(config.socket);
     poll_task.abort();
-    let _ = std::fs::remove_file(&config.socket);
-    tracing::info!("expertd stopped");
-    Ok(())
+    let _ = std::fs::remove_file(&socket);
+    match failure {
+        Some(why) => Err(DaemonError::Supervisor(why)),
+        None => {
+            tracing::info!("expertd stopped");
+            Ok(())
+        }
+    }
 }

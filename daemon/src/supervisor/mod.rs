@@ -8,18 +8,22 @@
 //! window is a crash loop, reported, with no more restarts until a reload. A reload
 //! (config or model file changed, SIGHUP) validates the config, re-probes and re-plans,
 //! and restarts the engine only when what it would run changed; an invalid config is
-//! reported and the running engine keeps serving. Shutdown stops the engine gracefully
-//! (SIGTERM to the group, SIGKILL after the stop timeout).
+//! reported and the running engine keeps serving; a valid config whose model cannot be
+//! used yet (not downloaded) has its model's files watched too, and is applied when they
+//! appear. Shutdown stops the engine gracefully (SIGTERM to the group, SIGKILL after the
+//! stop timeout). systemd's watchdog is pinged from the task's loop and during its long
+//! waits (a reload's probe, stopping the engine).
 //!
 //! Invariants: only this task starts or stops the engine; the engine is never left
 //! running when the task ends (the child guard kills its group on drop).
 
 pub mod child;
 pub mod daemon;
+pub mod restart;
 pub mod sd;
 pub mod stats;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +35,7 @@ use crate::config::{Config, INSTALLED_ENGINE};
 use crate::plan::Plan;
 use crate::probe::{ResolvedModel, Snapshot};
 use child::{EngineChild, describe_exit};
+use restart::{AfterCrash, CrashHistory};
 
 /// How often `/health` is asked while the engine loads.
 const STARTING_POLL: Duration = Duration::from_millis(200);
@@ -112,6 +117,8 @@ pub struct Status {
     pub started_at: SystemTime,
     pub stopping: bool,
     pub config_path: Option<PathBuf>,
+    /// The status socket the applied config names (the API moves to it).
+    pub socket: PathBuf,
     /// The current config problem (cleared when a valid config loads).
     pub config_error: Option<String>,
     /// The config's `model` as written.
@@ -134,6 +141,7 @@ impl Status {
             started_at: SystemTime::now(),
             stopping: false,
             config_path: config.path.clone(),
+            socket: config.socket.clone(),
             config_error: None,
             model_source: config.model.to_string(),
             model_path: None,
@@ -284,7 +292,10 @@ pub struct Supervisor {
     engine: Option<EngineChild>,
     status: Status,
     status_tx: watch::Sender<Status>,
-    crashes: VecDeque<Instant>,
+    crashes: CrashHistory,
+    /// Since when the engine answers `/health` (state `serving`): a crash after
+    /// `restart.reset_after` of serving starts the crash history afresh.
+    serving_since: Option<Instant>,
     /// When to start the engine next (backoff after a crash).
     start_at: Option<Instant>,
     /// When the loading engine must have answered `/health`.
@@ -297,7 +308,13 @@ pub struct Supervisor {
     watched_dirs: Vec<PathBuf>,
     fs_rx: mpsc::UnboundedReceiver<notify::Event>,
     fs_tx: mpsc::UnboundedSender<notify::Event>,
+    /// The newest config that loaded but could not be prepared (e.g. its model is not
+    /// there yet): the files it names are watched too, so that it is applied when they
+    /// appear. Cleared when a config is applied or a newer one does not load.
+    unprepared: Option<Config>,
     notifier: sd::Notifier,
+    /// When to send `WATCHDOG=1` (systemd's `WatchdogSec=`), if systemd expects it.
+    watchdog: Option<tokio::time::Interval>,
     sent_ready: bool,
 }
 
@@ -322,7 +339,8 @@ impl Supervisor {
             engine: None,
             status,
             status_tx,
-            crashes: VecDeque::new(),
+            crashes: CrashHistory::default(),
+            serving_since: None,
             start_at: None,
             ready_deadline: None,
             next_health: None,
@@ -332,7 +350,9 @@ impl Supervisor {
             watched_dirs: Vec::new(),
             fs_rx,
             fs_tx,
+            unprepared: None,
             notifier,
+            watchdog: None,
             sent_ready: false,
         }
     }
@@ -343,7 +363,11 @@ impl Supervisor {
     }
 
     fn publish(&mut self) {
-        self.status.engine.recent_crashes = self.crashes.len() as u32;
+        self.crashes.expire(
+            Instant::now(),
+            self.current.config.restart.crash_loop_window,
+        );
+        self.status.engine.recent_crashes = self.crashes.count();
         self.status_tx.send_replace(self.status.clone());
     }
 
@@ -355,13 +379,13 @@ impl Supervisor {
     /// Runs until [`Command::Shutdown`] (or all senders are gone); stops the engine on the
     /// way out.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        self.update_watches();
-        self.start_engine().await;
-        let mut watchdog = self.notifier.watchdog_interval().map(|d| {
+        self.watchdog = self.notifier.watchdog_interval().map(|d| {
             let mut i = tokio::time::interval(d);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
+        self.update_watches();
+        self.start_engine().await;
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -380,7 +404,11 @@ impl Supervisor {
                     self.reload_at = None;
                     self.reload("a watched file changed").await;
                 }
-                _ = tick(&mut watchdog) => self.notifier.notify("WATCHDOG=1"),
+                _ = tick(&mut self.watchdog) => self.notifier.notify("WATCHDOG=1"),
+                // The oldest crash leaves the window: status shows one fewer.
+                _ = sleep_until(self.crashes.next_expiry(self.current.config.restart.crash_loop_window)) => {
+                    self.publish();
+                }
             }
         }
         self.status.stopping = true;
@@ -398,6 +426,7 @@ impl Supervisor {
         self.status.engine.ready_at = None;
         self.status.engine.load_time = None;
         self.status.engine.next_start_at = None;
+        self.serving_since = None;
         // A stale stats file from an earlier engine must not be shown as this one's.
         if let Some(pool) = &self.current.plan.pool {
             let _ = std::fs::remove_file(&pool.stats_path);
@@ -446,43 +475,40 @@ impl Supervisor {
     /// Records a crash and decides: restart after a backoff, or crash loop.
     fn crashed(&mut self) {
         let now = Instant::now();
-        let r = &self.current.config.restart;
-        self.crashes.push_back(now);
-        while let Some(t) = self.crashes.front() {
-            if now.duration_since(*t) > r.crash_loop_window {
-                self.crashes.pop_front();
-            } else {
-                break;
-            }
-        }
+        let r = self.current.config.restart.clone();
+        let served_for = self
+            .serving_since
+            .take()
+            .map(|t| now.saturating_duration_since(t));
+        let after = self.crashes.record(now, served_for, &r);
         self.status.engine.pid = None;
         self.ready_deadline = None;
         self.next_health = None;
-        let n = self.crashes.len() as u32;
-        if n >= r.crash_loop_restarts {
-            self.status.engine.state = EngineState::CrashLoop;
-            self.start_at = None;
-            let msg = format!(
-                "crash loop: the engine failed {n} times within {}s; not restarting until the config or model changes or SIGHUP (last: {})",
-                r.crash_loop_window.as_secs(),
-                self.status.engine.last_exit.as_deref().unwrap_or("?")
-            );
-            self.error(msg.clone());
-            if !self.sent_ready {
-                // The daemon is up (it answers status and watches for a fix) even though
-                // the engine is not: tell systemd so the unit does not time out.
-                self.sent_ready = true;
-                self.notifier.notify(&format!("READY=1\nSTATUS={msg}"));
-            } else {
-                self.notifier.notify(&format!("STATUS={msg}"));
+        match after {
+            AfterCrash::CrashLoop { crashes: n } => {
+                self.status.engine.state = EngineState::CrashLoop;
+                self.start_at = None;
+                let msg = format!(
+                    "crash loop: the engine failed {n} times within {}s; not restarting until the config or model changes or SIGHUP (last: {})",
+                    r.crash_loop_window.as_secs(),
+                    self.status.engine.last_exit.as_deref().unwrap_or("?")
+                );
+                self.error(msg.clone());
+                if !self.sent_ready {
+                    // The daemon is up (it answers status and watches for a fix) even
+                    // though the engine is not: tell systemd so the unit does not time out.
+                    self.sent_ready = true;
+                    self.notifier.notify(&format!("READY=1\nSTATUS={msg}"));
+                } else {
+                    self.notifier.notify(&format!("STATUS={msg}"));
+                }
             }
-        } else {
-            let factor = 1u32 << (n.saturating_sub(1)).min(16);
-            let delay = r.backoff_initial.saturating_mul(factor).min(r.backoff_max);
-            self.status.engine.state = EngineState::Restarting;
-            self.start_at = Some(now + delay);
-            self.status.engine.next_start_at = Some(SystemTime::now() + delay);
-            tracing::warn!("restarting the engine in {delay:?} (crash {n} within the window)");
+            AfterCrash::Restart { delay, crashes: n } => {
+                self.status.engine.state = EngineState::Restarting;
+                self.start_at = Some(now + delay);
+                self.status.engine.next_start_at = Some(SystemTime::now() + delay);
+                tracing::warn!("restarting the engine in {delay:?} (crash {n} within the window)");
+            }
         }
         self.publish();
     }
@@ -525,6 +551,7 @@ impl Supervisor {
                 self.status.engine.state = EngineState::Serving;
                 self.status.engine.ready_at = Some(SystemTime::now());
                 self.status.engine.load_time = load;
+                self.serving_since = Some(Instant::now());
                 self.ready_deadline = None;
                 self.next_health = Some(Instant::now() + SERVING_POLL);
                 tracing::info!("engine serving on {host}:{port} (loaded in {load:?})");
@@ -579,19 +606,20 @@ impl Supervisor {
     async fn kill_engine(&mut self) {
         if let Some(mut c) = self.engine.take() {
             c.signal_group(rustix::process::Signal::KILL);
-            let _ = c.wait().await;
+            let _ = with_watchdog(&mut self.watchdog, &self.notifier, c.wait()).await;
         }
     }
 
     async fn stop_engine(&mut self) {
         self.start_at = None;
+        self.serving_since = None;
         self.ready_deadline = None;
         self.next_health = None;
         if let Some(mut c) = self.engine.take() {
             self.status.engine.state = EngineState::Stopping;
             self.publish();
             let timeout = self.current.config.engine.stop_timeout;
-            match c.stop(timeout).await {
+            match with_watchdog(&mut self.watchdog, &self.notifier, c.stop(timeout)).await {
                 Ok(s) => {
                     tracing::info!("engine stopped ({})", describe_exit(&s));
                     self.status.engine.last_exit = Some(describe_exit(&s));
@@ -612,24 +640,32 @@ impl Supervisor {
                 let msg = format!("config not applied, the engine keeps its plan: {e}");
                 self.status.config_error = Some(e.to_string());
                 self.error(msg);
+                self.unprepared = None;
+                self.update_watches();
                 self.publish();
                 return;
             }
         };
-        let prepared = match prepare(&config).await {
-            Ok(p) => p,
-            Err(e) => {
-                let msg = format!("config not applied, the engine keeps its plan: {e}");
-                self.status.config_error = Some(e.to_string());
-                self.error(msg);
-                self.publish();
-                return;
-            }
-        };
+        // Resolving an Ollama model may wait on its API for a while: keep systemd's
+        // watchdog fed meanwhile.
+        let prepared =
+            match with_watchdog(&mut self.watchdog, &self.notifier, prepare(&config)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let msg = format!("config not applied, the engine keeps its plan: {e}");
+                    self.status.config_error = Some(e.to_string());
+                    self.error(msg);
+                    // Watch what it names: the model may be on its way.
+                    self.unprepared = Some(config);
+                    self.update_watches();
+                    self.publish();
+                    return;
+                }
+            };
         self.status.config_error = None;
-        if config.socket != self.current.config.socket {
-            tracing::warn!("socket changed in the config: takes effect after a daemon restart");
-        }
+        self.unprepared = None;
+        // The API task moves to the new socket when it sees this change.
+        self.status.socket = config.socket.clone();
         let changed = prepared.spec != self.current.spec;
         let running = matches!(
             self.status.engine.state,
@@ -689,7 +725,7 @@ impl Supervisor {
             let mut v: Vec<PathBuf> = self
                 .watched_files()
                 .iter()
-                .filter_map(|f| f.parent().map(Path::to_path_buf))
+                .filter_map(|f| watch_dir(f))
                 .collect();
             v.sort();
             v.dedup();
@@ -714,6 +750,8 @@ impl Supervisor {
         self.watched_dirs = wanted;
     }
 
+    /// The config, the applied model (and its Ollama manifest), and the model files of a
+    /// config that could not be prepared yet.
     fn watched_files(&self) -> Vec<PathBuf> {
         let mut v = vec![self.config_path.clone(), self.current.model.path.clone()];
         if let Some(o) = &self.current.model.ollama {
@@ -721,6 +759,9 @@ impl Supervisor {
                 o.reference
                     .manifest_path(&self.current.config.ollama.models_dir),
             );
+        }
+        if let Some(c) = &self.unprepared {
+            v.extend(model_files(c));
         }
         v
     }
@@ -738,10 +779,52 @@ impl Supervisor {
         if !relevant_kind {
             return;
         }
+        // A watched file, or a directory on the way to one that does not exist yet.
         let files = self.watched_files();
-        if ev.paths.iter().any(|p| files.iter().any(|f| f == p)) {
+        if ev
+            .paths
+            .iter()
+            .any(|p| files.iter().any(|f| f.starts_with(p)))
+        {
             tracing::debug!("file event {:?} on {:?}", ev.kind, ev.paths);
             self.reload_at = Some(Instant::now() + DEBOUNCE);
+        }
+    }
+}
+
+/// The files a config's model is read from, as far as they can be known without resolving
+/// it: the GGUF path, or the Ollama manifest in the config's model store.
+fn model_files(config: &Config) -> Vec<PathBuf> {
+    match &config.model {
+        crate::config::ModelSource::Path(p) => vec![p.clone()],
+        crate::config::ModelSource::Ollama(name) => crate::ollama::ModelRef::parse(name)
+            .map(|r| vec![r.manifest_path(&config.ollama.models_dir)])
+            .unwrap_or_default(),
+    }
+}
+
+/// The directory to watch for `file`: its parent, or the nearest ancestor that exists (a
+/// download may create the directories first).
+fn watch_dir(file: &Path) -> Option<PathBuf> {
+    file.ancestors()
+        .skip(1)
+        .find(|d| d.is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// Runs `fut` to completion while sending `WATCHDOG=1` when due, so that a long wait of the
+/// supervisor (a reload's probe, stopping the engine) does not look like a hung daemon to
+/// systemd.
+async fn with_watchdog<F: std::future::Future>(
+    watchdog: &mut Option<tokio::time::Interval>,
+    notifier: &sd::Notifier,
+    fut: F,
+) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = tick(watchdog) => notifier.notify("WATCHDOG=1"),
         }
     }
 }
@@ -786,5 +869,71 @@ async fn tick(i: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long wait of the supervisor (here a sleep standing in for a hung Ollama or a slow
+    /// stop) still sends `WATCHDOG=1` every half interval.
+    #[tokio::test]
+    async fn long_waits_keep_the_watchdog_fed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let notifier = sd::Notifier::to_socket(&path, Some(Duration::from_millis(100))).unwrap();
+        let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+        // The interval's first tick is immediate; the loop would have taken it.
+        tick(&mut watchdog).await;
+        let out = with_watchdog(
+            &mut watchdog,
+            &notifier,
+            tokio::time::sleep(Duration::from_millis(330)),
+        )
+        .await;
+        assert_eq!(out, ());
+        let mut pings = 0;
+        let mut buf = [0u8; 64];
+        while let Ok(n) = listener.recv(&mut buf) {
+            assert_eq!(&buf[..n], b"WATCHDOG=1");
+            pings += 1;
+        }
+        // Every 50 ms for 330 ms: 6, give or take a slow scheduler (none without the
+        // helper).
+        assert!((3..=7).contains(&pings), "{pings} pings");
+    }
+
+    #[test]
+    fn model_files_of_a_config_not_yet_prepared() {
+        let env = crate::config::ConfigEnv::default();
+        let c = Config::parse(
+            "model = \"models/m.gguf\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            model_files(&c),
+            vec![PathBuf::from("/etc/expertd/models/m.gguf")]
+        );
+        let c = Config::parse(
+            "model = \"ollama:qwen3:30b\"\n[ollama]\nmodels_dir = \"/srv/ollama\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            model_files(&c),
+            vec![PathBuf::from(
+                "/srv/ollama/manifests/registry.ollama.ai/library/qwen3/30b"
+            )]
+        );
+        // A directory that does not exist yet is watched through its nearest ancestor.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a/b/m.gguf");
+        assert_eq!(watch_dir(&f), Some(dir.path().to_path_buf()));
     }
 }

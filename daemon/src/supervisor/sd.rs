@@ -21,6 +21,20 @@ impl Notifier {
         }
     }
 
+    /// A notifier that sends to the datagram socket at `path` and expects `WATCHDOG=1`
+    /// within `watchdog` (as `$WATCHDOG_USEC` says), for tests and embedders.
+    pub fn to_socket(
+        path: &std::path::Path,
+        watchdog: Option<Duration>,
+    ) -> std::io::Result<Notifier> {
+        let addr = SocketAddr::from_pathname(path)?;
+        let sock = UnixDatagram::unbound()?;
+        Ok(Notifier {
+            target: Some((sock, addr)),
+            watchdog,
+        })
+    }
+
     /// Reads `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID` of this process.
     pub fn from_env() -> Notifier {
         let target = std::env::var("NOTIFY_SOCKET")
