@@ -42,6 +42,24 @@ fn pool_with(mode: IoMode) -> Pool {
     .unwrap()
 }
 
+/// A pool (`pool_with(mode)`) over `model()` with its layer 0 registered, N_SLOTS slots.
+fn layer0_pool(mode: IoMode) -> (Pool, TestModel) {
+    let m = model();
+    let pool = pool_with(mode);
+    let f = pool.add_file(m.path()).unwrap();
+    pool.add_layer(
+        &LayerSpec {
+            layer: 0,
+            n_experts: N_EXPERTS,
+            n_slots: N_SLOTS,
+            projs: m.specs(0, f),
+        },
+        None,
+    )
+    .unwrap();
+    (pool, m)
+}
+
 /// Requests every expert (in batches of 4 per token, 1-2 tokens) and checks the bytes.
 fn check_all_experts(pool: &Pool, m: &TestModel, layer: i32) {
     let li = layer as usize;
@@ -172,19 +190,7 @@ fn callback_sink_gets_exact_bytes() {
 #[test]
 fn eintr_and_short_reads_are_retried() {
     for mode in [IoMode::Auto, IoMode::UringBuffered, IoMode::Pread] {
-        let m = model();
-        let pool = pool_with(mode);
-        let f = pool.add_file(m.path()).unwrap();
-        pool.add_layer(
-            &LayerSpec {
-                layer: 0,
-                n_experts: N_EXPERTS,
-                n_slots: N_SLOTS,
-                projs: m.specs(0, f),
-            },
-            None,
-        )
-        .unwrap();
+        let (pool, m) = layer0_pool(mode);
         pool.inject_faults(&[
             Fault::Errno(libc::EINTR),
             Fault::Short(100),
@@ -202,19 +208,7 @@ fn eintr_and_short_reads_are_retried() {
 #[test]
 fn read_errors_are_reported_and_not_served() {
     for mode in [IoMode::Auto, IoMode::Pread] {
-        let m = model();
-        let pool = pool_with(mode);
-        let f = pool.add_file(m.path()).unwrap();
-        pool.add_layer(
-            &LayerSpec {
-                layer: 0,
-                n_experts: N_EXPERTS,
-                n_slots: N_SLOTS,
-                projs: m.specs(0, f),
-            },
-            None,
-        )
-        .unwrap();
+        let (pool, m) = layer0_pool(mode);
         pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
         let mut out = [-7i32; 2];
         let err = pool.request(0, &[5, 6], 2, 1, 2, &mut out).unwrap_err();
@@ -406,19 +400,7 @@ fn a_pool_deleted_with_reads_in_flight_finishes() {
 #[test]
 fn a_failed_request_writes_nothing_and_counts_no_hits() {
     for mode in [IoMode::Auto, IoMode::Pread] {
-        let m = model();
-        let pool = pool_with(mode);
-        let f = pool.add_file(m.path()).unwrap();
-        pool.add_layer(
-            &LayerSpec {
-                layer: 0,
-                n_experts: N_EXPERTS,
-                n_slots: N_SLOTS,
-                projs: m.specs(0, f),
-            },
-            None,
-        )
-        .unwrap();
+        let (pool, _m) = layer0_pool(mode);
         let mut out = [-7i32; 2];
         pool.request(0, &[0], 1, 1, 1, &mut out[..1]).unwrap();
         let mut out = [-7i32; 2];
