@@ -83,8 +83,8 @@ pub struct Counters {
     /// Of those, experts the stage call or request needed (the rest were read for
     /// nothing).
     pub stage_ahead_used: u64,
-    /// Misses of requests filled from read-ahead reads (also counted in `misses` and
-    /// `stage_ahead_used`): their reads had started before the request.
+    /// Misses of served requests filled from read-ahead reads (also counted in `misses`
+    /// and `stage_ahead_used`): their reads had started before the request.
     pub ahead_fills: u64,
 }
 

@@ -746,6 +746,7 @@ impl Inner {
             self.poll_nowait()?;
         }
         let mut plan = std::mem::take(&mut self.plan);
+        let ahead_fills_before = self.layers[li].counters.ahead_fills;
         let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
         // A request that does not fit changed nothing: the engine stages that ubatch
         // instead, and the stage call takes the announced experts.
@@ -771,7 +772,11 @@ impl Inner {
                 c.misses += plan.fills.len() as u64;
             }
             Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
-            Err(_) => l.counters.errors += 1,
+            Err(_) => {
+                l.counters.errors += 1;
+                // Its misses are not counted, so neither are those filled from read-ahead.
+                l.counters.ahead_fills = ahead_fills_before;
+            }
         }
         self.plan = plan;
         res.map_err(|e| match e {

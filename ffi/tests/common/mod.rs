@@ -148,3 +148,50 @@ pub fn assert_slots_hold(
         }
     }
 }
+
+/// A small deterministic generator (xorshift64) for the randomized fault tests.
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator for `seed` (any value; 0 is mapped to a nonzero state).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A completion fault: retried errnos (EINTR, EAGAIN), a hard error (EIO), EINVAL (an
+    /// O_DIRECT read at an unaligned point falls back to buffered), or a short read of a
+    /// few bytes, whole pages, or 100 bytes.
+    pub fn fault(&mut self) -> expert_pool::io::Fault {
+        use expert_pool::io::Fault;
+        match self.below(7) {
+            0 => Fault::Errno(libc::EINTR),
+            1 => Fault::Errno(libc::EAGAIN),
+            2 => Fault::Errno(libc::EIO),
+            3 => Fault::Errno(libc::EINVAL),
+            4 => Fault::Short(1 + self.below(4096) as usize),
+            5 => Fault::Short(4096 * (1 + self.below(64) as usize)),
+            _ => Fault::Short(100),
+        }
+    }
+}
+
+/// How many seeds a randomized test runs: `FUZZ_SEEDS` from the environment, else `default`.
+pub fn fuzz_seeds(default: u64) -> u64 {
+    std::env::var("FUZZ_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
