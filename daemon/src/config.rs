@@ -247,7 +247,7 @@ pub struct MemoryConfig {
     /// `memory.vram`: VRAM for the engine, all GPUs together; default "auto".
     pub vram: Budget,
     /// `memory.ram_reserve`: RAM left to the rest of the host under "auto"; default "auto"
-    /// (`None`): the larger of 1 GiB and 10% of RAM.
+    /// (`None`): 10% of RAM (or of the cgroup limit), at least 256 MiB and at most 4 GiB.
     pub ram_reserve: Option<u64>,
     /// `memory.vram_reserve`: VRAM left free per GPU under "auto"; default 512 MiB.
     pub vram_reserve: u64,

@@ -885,6 +885,16 @@ fn model_info_errors_name_the_key() {
             moe_spec().with(|s| s.kvs[2] = kv_u32("m.block_count", 1)),
             "layer 1 but block_count is 1",
         ),
+        // Sizes beyond any real model: a corrupt header, not a plan of absurd numbers
+        // (or 4 billion layers to sum the KV cache over).
+        (
+            moe_spec().with(|s| s.kvs[2] = kv_u32("m.block_count", u32::MAX)),
+            "metadata key 'm.block_count': 4294967295 is beyond any real model",
+        ),
+        (
+            moe_spec().with(|s| s.kvs[3] = kv_u32("m.embedding_length", 1 << 30)),
+            "metadata key 'm.embedding_length': 1073741824 is beyond any real model",
+        ),
     ];
     for (spec, fragment) in cases {
         let f = GgufFile::parse_bytes(&spec.bytes()).expect("header itself is valid");

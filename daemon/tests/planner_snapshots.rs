@@ -308,3 +308,28 @@ fn h100_recorded_with_nvml_fits_in_vram() {
     assert_eq!((p.gpu_layers, p.n_cpu_moe), (5, 0));
     assert_eq!(p.memory[0].tier, expertd::plan::Tier::Vram);
 }
+
+/// A model whose non-expert weights are fewer bytes than it has layers (a tiny or odd
+/// file) on a GPU too small for them: the layers offloaded never account for more weights
+/// than there are, so RAM's share cannot wrap around into a plan that looks in budget.
+#[test]
+fn tiny_non_expert_weights_on_a_small_gpu_stay_accounted() {
+    let (mut snap, mut config) = load("gpu12_qwen3_30b_a3b");
+    snap.model.info.non_expert_bytes = 0;
+    config.memory.vram = expertd::config::Budget::Bytes(2 << 30);
+    config.plan.ctx_size = Some(32768);
+    let p = plan(&snap, &config);
+    for t in &p.memory {
+        assert!(
+            t.weights <= snap.model.info.non_expert_bytes + snap.model.info.expert_bytes,
+            "{}: {} bytes of weights, more than the model has",
+            t.tier.as_str(),
+            t.weights
+        );
+    }
+    if p.within_budget {
+        for t in &p.memory {
+            assert!(t.total() <= t.budget, "{}: over budget", t.tier.as_str());
+        }
+    }
+}

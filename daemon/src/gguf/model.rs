@@ -84,6 +84,18 @@ impl Keys<'_> {
             .ok_or_else(|| self.missing(&self.key(suffix), why))
     }
 
+    /// `v` if it is at most `max`: sizes beyond any real model are a corrupt header
+    /// (and would overflow or hang the sums over layers and the planner's arithmetic).
+    fn at_most(&self, suffix: &str, v: u64, max: u64) -> Result<u64, GgufError> {
+        if v > max {
+            return Err(self.bad(
+                &self.key(suffix),
+                format!("{v} is beyond any real model (at most {max})"),
+            ));
+        }
+        Ok(v)
+    }
+
     /// A u32 that fits: for counts that ggml keeps as u32.
     fn u32_of(&self, suffix: &str, v: u64) -> Result<u32, GgufError> {
         u32::try_from(v)
@@ -122,6 +134,11 @@ impl Keys<'_> {
     }
 }
 
+/// More layers than any real model has (the largest have a few hundred).
+const MAX_LAYERS: u64 = 1 << 16;
+/// Larger than any real hidden size, head count or head size (the largest are ~2^15).
+const MAX_WIDTH: u64 = 1 << 20;
+
 pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
     let arch_key = "general.architecture";
     let arch = match file.get(arch_key) {
@@ -145,18 +162,36 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
         .map(str::to_string);
 
     let block_count = k.required_uint("block_count", "the number of layers")?;
-    let block_count = k.u32_of("block_count", block_count)?;
+    let block_count = k.u32_of(
+        "block_count",
+        k.at_most("block_count", block_count, MAX_LAYERS)?,
+    )?;
     let n_embd = k.required_uint("embedding_length", "the hidden size")?;
+    let n_embd = k.at_most("embedding_length", n_embd, MAX_WIDTH)?;
     let context_length = k.required_uint("context_length", "the trained context size")?;
 
     let head_key = "attention.head_count";
     let heads = k
         .uint_or_array(head_key)?
         .ok_or_else(|| k.missing(&k.key(head_key), "the number of attention heads"))?;
-    let n_head = k.u32_of(head_key, heads.iter().copied().max().unwrap_or(0))?;
+    let n_head = k.u32_of(
+        head_key,
+        k.at_most(
+            head_key,
+            heads.iter().copied().max().unwrap_or(0),
+            MAX_WIDTH,
+        )?,
+    )?;
     let kv_key = "attention.head_count_kv";
     let heads_kv = k.uint_or_array(kv_key)?.unwrap_or_else(|| heads.clone());
-    let n_head_kv = k.u32_of(kv_key, heads_kv.iter().copied().max().unwrap_or(0))?;
+    let n_head_kv = k.u32_of(
+        kv_key,
+        k.at_most(
+            kv_key,
+            heads_kv.iter().copied().max().unwrap_or(0),
+            MAX_WIDTH,
+        )?,
+    )?;
 
     let expert_count = k.uint("expert_count")?.unwrap_or(0);
     let expert_count = k.u32_of("expert_count", expert_count)?;
@@ -182,8 +217,14 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
 
     // KV cache: K and V per layer, f16, per KV head; head sizes from key_length and
     // value_length, else n_embd / n_head (with n_head the layer's own count).
-    let key_len = k.uint("attention.key_length")?;
-    let value_len = k.uint("attention.value_length")?;
+    let key_len = k
+        .uint("attention.key_length")?
+        .map(|v| k.at_most("attention.key_length", v, MAX_WIDTH))
+        .transpose()?;
+    let value_len = k
+        .uint("attention.value_length")?
+        .map(|v| k.at_most("attention.value_length", v, MAX_WIDTH))
+        .transpose()?;
     let mut kv_bytes: u64 = 0;
     for layer in 0..u64::from(block_count) {
         let per_layer = |list: &[u64]| -> u64 {

@@ -706,7 +706,7 @@ fn place(
 ) -> Placement {
     let kv = m.kv(ctx, kv_type);
     let compute = m.compute(ubatch);
-    let all_layers = m.layers + 1;
+    let all_layers = m.layers.saturating_add(1);
     let min_slots = (m.n_used * parallel).clamp(1, m.n_exp.max(1));
     let mode = if m.moe() { c.pool.mode } else { PoolMode::Off };
     let mut why = Vec::new();
@@ -978,8 +978,9 @@ fn place(
     let kv_per_layer = kv / u64::from(m.layers.max(1));
     let room = b.vram.saturating_sub(compute);
     let g = ((room / (per_layer + kv_per_layer)).min(u64::from(m.layers))) as u32;
-    vram.weights = per_layer * u64::from(g);
-    vram.kv = kv_per_layer * u64::from(g);
+    // At most what there is (per_layer is at least 1 byte, more than a tiny model has).
+    vram.weights = (per_layer * u64::from(g)).min(m.non_expert);
+    vram.kv = (kv_per_layer * u64::from(g)).min(kv);
     vram.compute = if g > 0 { compute } else { 0 };
     ram.weights = m.non_expert - vram.weights;
     ram.kv = kv - vram.kv;
