@@ -746,7 +746,6 @@ impl Inner {
             self.poll_nowait()?;
         }
         let mut plan = std::mem::take(&mut self.plan);
-        let ahead_fills_before = self.layers[li].counters.ahead_fills;
         let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
         // A request that does not fit changed nothing: the engine stages that ubatch
         // instead, and the stage call takes the announced experts.
@@ -762,7 +761,7 @@ impl Inner {
         }
         let l = &mut self.layers[li];
         match &res {
-            Ok(()) => {
+            Ok(ahead_fills) => {
                 // Counted for served requests only, so that they add up to the distinct
                 // experts those requests asked for.
                 let c = &mut l.counters;
@@ -770,16 +769,13 @@ impl Inner {
                 c.hits += u64::from(plan.hits);
                 c.inflight_hits += plan.waits.len() as u64;
                 c.misses += plan.fills.len() as u64;
+                c.ahead_fills += *ahead_fills;
             }
             Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
-            Err(_) => {
-                l.counters.errors += 1;
-                // Its misses are not counted, so neither are those filled from read-ahead.
-                l.counters.ahead_fills = ahead_fills_before;
-            }
+            Err(_) => l.counters.errors += 1,
         }
         self.plan = plan;
-        res.map_err(|e| match e {
+        res.map(|_| ()).map_err(|e| match e {
             PoolError::DoesNotFit { needed, slots, .. } => PoolError::DoesNotFit {
                 layer,
                 needed,
@@ -799,7 +795,7 @@ impl Inner {
         row_stride: usize,
         out: &mut [i32],
         plan: &mut RequestPlan,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let l = &mut self.layers[li];
         l.map
             .plan_request(ids, n_used, n_tokens, row_stride, plan)?;
@@ -817,11 +813,14 @@ impl Inner {
         if plan.fills.is_empty() && plan.waits.is_empty() {
             return self.layers[li]
                 .map
-                .finish(ids, n_used, n_tokens, row_stride, out);
+                .finish(ids, n_used, n_tokens, row_stride, out)
+                .map(|()| 0);
         }
         let t0 = Instant::now();
         self.last_fill_error = None;
         let mut early_error = None;
+        // Misses filled from read-ahead reads (counted by the caller if served).
+        let mut ahead_fills = 0;
         if !plan.fills.is_empty() {
             if let Err(e) = self.check_layer_files(li) {
                 for &f in &plan.fills {
@@ -832,6 +831,7 @@ impl Inner {
                 for &f in &plan.fills {
                     if self.layers[li].ahead_mark[f.expert as usize] {
                         self.take_ahead(li, f);
+                        ahead_fills += 1;
                     } else {
                         self.start_fill(li, f, false);
                     }
@@ -870,7 +870,7 @@ impl Inner {
             .map
             .finish(ids, n_used, n_tokens, row_stride, out)
         {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(ahead_fills),
             Err(e) => Err(self.last_fill_error.take().unwrap_or(e)),
         }
     }
@@ -968,7 +968,6 @@ impl Inner {
         l.ahead_mark[e] = false;
         l.ahead_fill[e] = fid;
         l.counters.stage_ahead_used += 1;
-        l.counters.ahead_fills += 1;
         let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut l.ahead_done)
             .into_iter()
             .partition(|d| d.0 == order.expert);
