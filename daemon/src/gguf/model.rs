@@ -96,6 +96,18 @@ impl Keys<'_> {
         Ok(v)
     }
 
+    /// `v` as a u32 if it is at most `max` (below u32::MAX): a count of layers or heads.
+    fn u32_at_most(&self, suffix: &str, v: u64, max: u64) -> Result<u32, GgufError> {
+        self.u32_of(suffix, self.at_most(suffix, v, max)?)
+    }
+
+    /// An optional unsigned integer that is at most `max`.
+    fn uint_at_most(&self, suffix: &str, max: u64) -> Result<Option<u64>, GgufError> {
+        self.uint(suffix)?
+            .map(|v| self.at_most(suffix, v, max))
+            .transpose()
+    }
+
     /// A u32 that fits: for counts that ggml keeps as u32.
     fn u32_of(&self, suffix: &str, v: u64) -> Result<u32, GgufError> {
         u32::try_from(v)
@@ -162,10 +174,7 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
         .map(str::to_string);
 
     let block_count = k.required_uint("block_count", "the number of layers")?;
-    let block_count = k.u32_of(
-        "block_count",
-        k.at_most("block_count", block_count, MAX_LAYERS)?,
-    )?;
+    let block_count = k.u32_at_most("block_count", block_count, MAX_LAYERS)?;
     let n_embd = k.required_uint("embedding_length", "the hidden size")?;
     let n_embd = k.at_most("embedding_length", n_embd, MAX_WIDTH)?;
     let context_length = k.required_uint("context_length", "the trained context size")?;
@@ -174,23 +183,17 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
     let heads = k
         .uint_or_array(head_key)?
         .ok_or_else(|| k.missing(&k.key(head_key), "the number of attention heads"))?;
-    let n_head = k.u32_of(
+    let n_head = k.u32_at_most(
         head_key,
-        k.at_most(
-            head_key,
-            heads.iter().copied().max().unwrap_or(0),
-            MAX_WIDTH,
-        )?,
+        heads.iter().copied().max().unwrap_or(0),
+        MAX_WIDTH,
     )?;
     let kv_key = "attention.head_count_kv";
     let heads_kv = k.uint_or_array(kv_key)?.unwrap_or_else(|| heads.clone());
-    let n_head_kv = k.u32_of(
+    let n_head_kv = k.u32_at_most(
         kv_key,
-        k.at_most(
-            kv_key,
-            heads_kv.iter().copied().max().unwrap_or(0),
-            MAX_WIDTH,
-        )?,
+        heads_kv.iter().copied().max().unwrap_or(0),
+        MAX_WIDTH,
     )?;
 
     let expert_count = k.uint("expert_count")?.unwrap_or(0);
@@ -217,14 +220,8 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
 
     // KV cache: K and V per layer, f16, per KV head; head sizes from key_length and
     // value_length, else n_embd / n_head (with n_head the layer's own count).
-    let key_len = k
-        .uint("attention.key_length")?
-        .map(|v| k.at_most("attention.key_length", v, MAX_WIDTH))
-        .transpose()?;
-    let value_len = k
-        .uint("attention.value_length")?
-        .map(|v| k.at_most("attention.value_length", v, MAX_WIDTH))
-        .transpose()?;
+    let key_len = k.uint_at_most("attention.key_length", MAX_WIDTH)?;
+    let value_len = k.uint_at_most("attention.value_length", MAX_WIDTH)?;
     let mut kv_bytes: u64 = 0;
     for layer in 0..u64::from(block_count) {
         let per_layer = |list: &[u64]| -> u64 {
