@@ -1,7 +1,8 @@
 //! The patched engine with the expert pool on: the same tokens and logits as stock
 //! llama.cpp at every N_SLOTS down to the experts a token uses; pool off is stock;
 //! repeated and parallel requests and context shifts keep working; under a memory cap
-//! below the model size the run finishes within the cap.
+//! below the model size the run finishes within the cap; a read error fails the request,
+//! not the server.
 
 use std::path::{Path, PathBuf};
 
@@ -212,6 +213,136 @@ fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
         .0;
     assert_eq!(a.len(), 300);
     assert_eq!(a, b, "context shift: the pool changed the output");
+}
+
+/// POSTs a greedy completion and returns the HTTP status with the JSON answer (errors
+/// included: `Server::post` treats them as failures).
+fn completion_status(server: &Server, prompt: &str, n_predict: usize) -> (u16, serde_json::Value) {
+    let mut resp = ureq::post(&server.url("/completion"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(serde_json::json!({
+            "prompt": prompt,
+            "n_predict": n_predict,
+            "temperature": 0.0,
+            "top_k": 1,
+            "ignore_eos": true,
+            "cache_prompt": false,
+            "return_tokens": true,
+        }))
+        .expect("the server answers");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_json().expect("a JSON answer"))
+}
+
+/// llama-server's log once it contains every one of `needles` (its log thread writes
+/// after the answer has gone out), or as it is after 10 s.
+fn log_with(server: &Server, needles: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = server.log_text();
+        if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_read_error_fails_the_request_and_the_server_keeps_serving() {
+    // The model file loses the second half of its last tensor (the last layer's down
+    // projections of experts 16-31) while llama-server runs with 4 slots per layer: the
+    // next prompt needs those experts, the pool's read fails, and that request gets an
+    // error while the server stays up. Once the bytes (and the mtime) are back, the same
+    // request gives the same tokens as before: nothing of the failed one was kept.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SynthConfig::preset(Preset::Tiny);
+    config.seed = 13;
+    let path = dir.path().join("tiny.gguf");
+    let manifest = write_model(&config, &path, 2).expect("writing the model");
+    let last = manifest.tensors.last().unwrap();
+    assert_eq!(
+        last.name,
+        format!("blk.{}.ffn_down_exps.weight", config.layers - 1)
+    );
+    let cut = manifest.data_offset + last.offset + last.size / 2;
+
+    let stats = dir.path().join("stats.json");
+    let server = Server::start(
+        &engine_binary(Flavor::Patched, "llama-server"),
+        &path,
+        &[
+            "--expert-pool-slots",
+            "4",
+            "--expert-pool-stats",
+            stats.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let prompt = "The file under the pool loses a piece while it serves.";
+    let (status, before) = completion_status(&server, prompt, 24);
+    assert_eq!(status, 200, "{before}");
+
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let mtime = file.metadata().unwrap().modified().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    file.set_len(cut).unwrap();
+
+    let (status, failed) = completion_status(&server, prompt, 24);
+    assert_eq!(
+        status, 500,
+        "a request whose experts cannot be read: {failed}"
+    );
+    let why = [
+        "the expert pool failed, the computation is discarded",
+        "staging experts failed: EP_ERR_FILE_CHANGED",
+        "was truncated",
+    ];
+    let log = log_with(&server, &why);
+    assert!(
+        why.iter().all(|n| log.contains(n)),
+        "llama-server's log does not say why:\n{log}"
+    );
+    // The same at decode: a one-token prompt (BOS) fits the slots, so every step asks
+    // the pool to make its experts resident (the prompt above was staged).
+    let (status, failed) = completion_status(&server, "", 24);
+    assert_eq!(
+        status, 500,
+        "decoding with experts that cannot be read: {failed}"
+    );
+    let why = "making experts resident failed: EP_ERR_FILE_CHANGED";
+    let log = log_with(&server, &[why]);
+    assert!(
+        log.contains(why),
+        "llama-server's log does not say why:\n{log}"
+    );
+    let health = ureq::get(&server.url("/health"))
+        .call()
+        .map(|r| r.status().as_u16());
+    assert_eq!(
+        health.ok(),
+        Some(200),
+        "the server is not healthy after the error"
+    );
+
+    // The bytes come back as they were (same size, same mtime): the pool serves again.
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = file;
+    file.seek(SeekFrom::Start(cut)).unwrap();
+    file.write_all(&bytes[cut as usize..]).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    let (status, after) = completion_status(&server, prompt, 24);
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(
+        after["tokens"], before["tokens"],
+        "after the failed request"
+    );
+
+    server.stop().unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert!(s["total"]["errors"].as_u64().unwrap() >= 1, "{s}");
 }
 
 #[test]
