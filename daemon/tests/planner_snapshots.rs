@@ -333,3 +333,36 @@ fn tiny_non_expert_weights_on_a_small_gpu_stay_accounted() {
         }
     }
 }
+
+/// Two GPUs of half the memory: llama.cpp splits the layers over them and each one that
+/// computes holds its own compute buffer, so the plan pays for two (it counted one, as if
+/// the GPUs were one pool of memory) and still stays within the VRAM budget.
+#[test]
+fn two_gpus_hold_a_compute_buffer_each() {
+    let (one_snap, config) = load("gpu80_gpt_oss_120b");
+    let one = plan(&one_snap, &config);
+    let mut snap = one_snap.clone();
+    let gpu = snap.gpus[0].clone();
+    snap.gpus = (0..2)
+        .map(|i| {
+            let mut g = gpu.clone();
+            g.index = i;
+            g.total_memory /= 2;
+            g.free_memory /= 2;
+            g
+        })
+        .collect();
+    let two = plan(&snap, &config);
+    assert_properties("two GPUs", &snap, &config, &two);
+    let vram = |p: &Plan| {
+        p.memory
+            .iter()
+            .find(|t| t.tier.as_str() == "vram")
+            .cloned()
+            .unwrap()
+    };
+    let (v1, v2) = (vram(&one), vram(&two));
+    assert!(v1.compute > 0);
+    assert_eq!(v2.compute, 2 * v1.compute, "one compute buffer per GPU");
+    assert!(v2.total() <= v2.budget);
+}

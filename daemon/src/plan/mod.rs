@@ -814,14 +814,17 @@ fn place(
         };
     }
 
-    // GPU host.
-    let gpu_fixed = m.non_expert + kv + compute;
+    // GPU host. llama.cpp splits the layers over the GPUs and every GPU that computes
+    // holds its own compute buffer, so VRAM pays one per GPU.
+    let gpus = b.gpus.max(1) as u64;
+    let gpu_compute = compute.saturating_mul(gpus);
+    let gpu_fixed = m.non_expert + kv + gpu_compute;
     ram.compute = 128 * MIB; // host-side buffers with full offload (stated estimate)
     if gpu_fixed + m.expert_total <= b.vram && mode != PoolMode::On {
         vram.weights = m.non_expert;
         vram.experts = m.expert_total;
         vram.kv = kv;
-        vram.compute = compute;
+        vram.compute = gpu_compute;
         why.push(Reason {
             topic: "pool",
             choice: "off".into(),
@@ -877,7 +880,7 @@ fn place(
             vram.weights = m.non_expert;
             vram.experts = on_gpu;
             vram.kv = kv;
-            vram.compute = compute;
+            vram.compute = gpu_compute;
             let resident = b.ram.saturating_sub(ram.total());
             ram.experts = cpu_experts.min(resident);
             let disk = if stock_ram_fits {
@@ -934,7 +937,7 @@ fn place(
         vram.weights = m.non_expert;
         vram.experts = 0;
         vram.kv = kv;
-        vram.compute = compute;
+        vram.compute = gpu_compute;
         let avail = b.ram.saturating_sub(ram.total());
         let (slots, pool_bytes, slots_fit) = ram_slots(m, avail, min_slots);
         ram.experts = pool_bytes;
@@ -976,12 +979,13 @@ fn place(
     // expert on the CPU.
     let per_layer = (m.non_expert / u64::from(all_layers)).max(1);
     let kv_per_layer = kv / u64::from(m.layers.max(1));
-    let room = b.vram.saturating_sub(compute);
+    let room = b.vram.saturating_sub(gpu_compute);
     let g = ((room / (per_layer + kv_per_layer)).min(u64::from(m.layers))) as u32;
     // At most what there is (per_layer is at least 1 byte, more than a tiny model has).
     vram.weights = (per_layer * u64::from(g)).min(m.non_expert);
     vram.kv = (kv_per_layer * u64::from(g)).min(kv);
-    vram.compute = if g > 0 { compute } else { 0 };
+    // the GPUs that get layers (at most one per offloaded layer) hold a compute buffer each
+    vram.compute = compute.saturating_mul(gpus.min(u64::from(g)));
     ram.weights = m.non_expert - vram.weights;
     ram.kv = kv - vram.kv;
     ram.compute = compute;
