@@ -611,7 +611,11 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
             human_bytes(pcie_bw),
             human_bytes(db),
             human_bytes(disk_bw),
-            if snapshot.disk.is_none() { " (disk assumed, not probed)" } else { "" }
+            match &snapshot.disk {
+                None => " (disk assumed, not probed)",
+                Some(d) if !d.direct => " (probed with buffered reads: the page cache may have flattered it)",
+                Some(_) => "",
+            }
         ),
     });
 

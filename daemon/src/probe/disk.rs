@@ -3,7 +3,9 @@
 //! Reads up to [`PROBE_BYTES`] of the model file in 1 MiB blocks spread over the file with
 //! `O_DIRECT` (so the page cache does not flatter the result; falls back to buffered
 //! reads where the filesystem refuses `O_DIRECT`, and says so), stopping after
-//! [`PROBE_TIME`]. The result is cached per (device, file, size) for [`CACHE_TTL_SECS`].
+//! [`PROBE_TIME`]. A result read with `O_DIRECT` is cached per (device, file, size) for
+//! [`CACHE_TTL_SECS`]; a buffered one is not (it may have read the page cache, so it
+//! says how warm the file was, not how fast the disk is, and is measured again next time).
 
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -42,6 +44,15 @@ fn now_secs() -> u64 {
 /// The cached result for `model`, or a fresh measurement (then cached). `None` when the
 /// file cannot be read at all.
 pub fn probe_cached(model: &Path, state_dir: &Path) -> Option<DiskProbe> {
+    probe_cached_with(model, state_dir, measure)
+}
+
+/// [`probe_cached`] with the measurement given (tests).
+fn probe_cached_with(
+    model: &Path,
+    state_dir: &Path,
+    measure: impl FnOnce(&Path) -> std::io::Result<DiskProbe>,
+) -> Option<DiskProbe> {
     let meta = std::fs::metadata(model).ok()?;
     let cache = state_dir.join(CACHE_FILE);
     if let Ok(text) = std::fs::read(&cache)
@@ -56,6 +67,9 @@ pub fn probe_cached(model: &Path, state_dir: &Path) -> Option<DiskProbe> {
         return Some(p);
     }
     let probe = measure(model).ok()?;
+    if !probe.direct {
+        return Some(probe);
+    }
     let entry = CacheEntry {
         device: meta.dev(),
         path: model.to_path_buf(),
@@ -116,4 +130,42 @@ pub fn measure(path: &Path) -> std::io::Result<DiskProbe> {
         direct: direct_ok,
         cached: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(direct: bool) -> DiskProbe {
+        DiskProbe {
+            read_bytes_per_sec: 1 << 30,
+            bytes_read: 64 << 20,
+            direct,
+            cached: false,
+        }
+    }
+
+    #[test]
+    fn a_direct_result_is_cached_and_a_buffered_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model.gguf");
+        std::fs::write(&model, vec![0u8; 4096]).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+
+        // Buffered reads may have come from the page cache: used once, never cached.
+        let p = probe_cached_with(&model, &state, |_| Ok(probe(false))).unwrap();
+        assert!(!p.direct && !p.cached);
+        assert!(
+            !state.join(CACHE_FILE).exists(),
+            "a buffered probe was cached"
+        );
+        let p = probe_cached_with(&model, &state, |_| Ok(probe(true))).unwrap();
+        assert!(p.direct && !p.cached, "measured again");
+
+        // O_DIRECT reads: cached, and the next call does not measure.
+        let p = probe_cached_with(&model, &state, |_| panic!("measured again")).unwrap();
+        assert!(p.direct && p.cached);
+        assert_eq!(p.read_bytes_per_sec, 1 << 30);
+    }
 }
