@@ -239,6 +239,30 @@ fn a_changed_model_file_is_replanned_and_restarted() {
     });
     assert_eq!(s["engine"]["state"], "serving");
     assert!(d.complete("Still serving", 4).is_ok());
+
+    // The model's directory is deleted and made again with a model in it: applied, and
+    // the new directory is watched (its inotify watch died with the old one), so a later
+    // download into it is applied too.
+    std::fs::remove_dir_all(models.path()).unwrap();
+    std::fs::create_dir(models.path()).unwrap();
+    write_tiny_model(&next, 9);
+    std::fs::rename(&next, &model).unwrap();
+    d.wait_status("the model in the new directory applied", SERVE, |s| {
+        s["engine"]["replans"] == 2
+            && s["engine"]["state"] == "serving"
+            && s["config"]["error"].is_null()
+    });
+    // Let the events of the deletion settle (they may re-plan once more), then download.
+    std::thread::sleep(Duration::from_secs(2));
+    let replans = d.status().expect("status")["engine"]["replans"]
+        .as_u64()
+        .unwrap();
+    write_tiny_model(&next, 13);
+    std::fs::rename(&next, &model).unwrap();
+    let s = d.wait_status("a later download into it applied", SERVE, |s| {
+        s["engine"]["replans"].as_u64() == Some(replans + 1) && s["engine"]["state"] == "serving"
+    });
+    assert!(d.complete("Newest model", 4).is_ok());
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
     wait_for("engine gone", Duration::from_secs(5), || {
         (!alive(s["engine"]["pid"].as_u64().unwrap() as u32)).then_some(())

@@ -19,6 +19,7 @@
 
 pub mod child;
 pub mod daemon;
+mod dirs;
 pub mod restart;
 pub mod sd;
 pub mod stats;
@@ -304,8 +305,7 @@ pub struct Supervisor {
     health_failures: u32,
     /// A file event arrived: reload at this time unless more arrive.
     reload_at: Option<Instant>,
-    watcher: Option<notify::RecommendedWatcher>,
-    watched_dirs: Vec<PathBuf>,
+    watches: Option<dirs::DirWatches>,
     fs_rx: mpsc::UnboundedReceiver<notify::Event>,
     fs_tx: mpsc::UnboundedSender<notify::Event>,
     /// The newest config that loaded but could not be prepared (e.g. its model is not
@@ -346,8 +346,7 @@ impl Supervisor {
             next_health: None,
             health_failures: 0,
             reload_at: None,
-            watcher: None,
-            watched_dirs: Vec::new(),
+            watches: None,
             fs_rx,
             fs_tx,
             unprepared: None,
@@ -699,55 +698,30 @@ impl Supervisor {
         self.publish();
     }
 
-    /// Watches the directories of the config file and the model (and an Ollama manifest):
-    /// editors and `ollama pull` replace files by rename, which a file watch would miss.
+    /// Watches the directories of the config file and the model (and an Ollama manifest),
+    /// and those of a replaced directory anew ([`dirs`]).
     fn update_watches(&mut self) {
         if !self.current.config.watch {
-            self.watcher = None;
-            self.watched_dirs.clear();
+            self.watches = None;
             return;
         }
-        if self.watcher.is_none() {
-            let tx = self.fs_tx.clone();
-            match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if let Ok(ev) = res {
-                    let _ = tx.send(ev);
-                }
-            }) {
-                Ok(w) => self.watcher = Some(w),
+        if self.watches.is_none() {
+            match dirs::DirWatches::new(self.fs_tx.clone()) {
+                Ok(w) => self.watches = Some(w),
                 Err(e) => {
                     self.error(format!("cannot watch files for changes: {e}"));
                     return;
                 }
             }
         }
-        let wanted: Vec<PathBuf> = {
-            let mut v: Vec<PathBuf> = self
-                .watched_files()
-                .iter()
-                .filter_map(|f| watch_dir(f))
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let Some(w) = self.watcher.as_mut() else {
-            return;
-        };
-        use notify::Watcher;
-        for d in &self.watched_dirs {
-            if !wanted.contains(d) {
-                let _ = w.unwatch(d);
-            }
+        let wanted = self
+            .watched_files()
+            .iter()
+            .filter_map(|f| watch_dir(f))
+            .collect();
+        if let Some(w) = self.watches.as_mut() {
+            w.set(wanted);
         }
-        for d in &wanted {
-            if !self.watched_dirs.contains(d)
-                && let Err(e) = w.watch(d, notify::RecursiveMode::NonRecursive)
-            {
-                tracing::warn!("cannot watch {}: {e}", d.display());
-            }
-        }
-        self.watched_dirs = wanted;
     }
 
     /// The config, the applied model (and its Ollama manifest), and the model files of a
@@ -767,6 +741,9 @@ impl Supervisor {
     }
 
     fn on_fs_event(&mut self, ev: notify::Event) {
+        if let Some(w) = self.watches.as_mut() {
+            w.note(&ev);
+        }
         use notify::EventKind;
         use notify::event::{AccessKind, AccessMode};
         let relevant_kind = matches!(
