@@ -247,6 +247,31 @@ fn a_model_that_fits_nowhere_is_reported_not_hidden() {
     let p = plan(&snap, &config);
     assert!(!p.within_budget);
     assert!(!p.warnings.is_empty());
+    // The reasons say so too, instead of claiming a fit the numbers contradict.
+    let why = |topic: &str| {
+        p.reasons
+            .iter()
+            .find(|r| r.topic == topic)
+            .map(|r| r.why.clone())
+            .unwrap()
+    };
+    assert!(
+        why("pool").contains("cannot hold") && why("pool").contains("over budget"),
+        "{}",
+        why("pool")
+    );
+    assert!(!why("pool").contains(" hold 8 experts"), "{}", why("pool"));
+    assert!(
+        why("ctx").contains("at no context do the weights fit"),
+        "{}",
+        why("ctx")
+    );
+    assert!(!why("ctx").contains("halved from"), "{}", why("ctx"));
+    assert!(
+        why("kv_type").contains("nothing fits"),
+        "{}",
+        why("kv_type")
+    );
 }
 
 #[test]

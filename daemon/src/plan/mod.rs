@@ -477,6 +477,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
             }
         }
     }
+    let nothing_fits = chosen.is_none();
     let (idx, placement) = chosen.unwrap_or_else(|| {
         let i = candidates.len() - 1;
         let (ctx, t) = candidates[i];
@@ -489,6 +490,9 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         choice: ctx_size.to_string(),
         why: match config.plan.ctx_size {
             Some(_) => "plan.ctx_size in the config".into(),
+            None if nothing_fits => format!(
+                "the smallest tried (from {ctx_max}, halved down to {ctx_min}): at no context do the weights fit the budget"
+            ),
             None if ctx_size == ctx_max => format!(
                 "the model's context ({}) capped at {DEFAULT_MAX_CTX}; its KV cache ({}) fits",
                 m.ctx_train,
@@ -507,6 +511,10 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         choice: kv_type.as_str().into(),
         why: match (config.plan.kv_type, kv_type) {
             (Some(_), _) => "plan.kv_type in the config".into(),
+            (None, _) if nothing_fits => format!(
+                "{}: the smaller cache, as nothing fits the budget; needs flash attention",
+                kv_type.as_str()
+            ),
             (None, KvType::F16) => "f16: full quality, and it fits".into(),
             (None, _) => format!(
                 "{}: an f16 cache would take more than {:.0}% of the budget at this context; needs flash attention",
@@ -789,15 +797,13 @@ fn place(
             topic: "pool",
             choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
             why: format!(
-                "{}: the model ({}) does not fit the RAM budget ({}); after non-expert weights ({}), KV ({}) and buffers, {} hold {slots} experts per layer (one expert in every layer is {}){}; assumed hit rate {:.0}%, misses read from disk",
+                "{}: the model ({}) does not fit the RAM budget ({}); after non-expert weights ({}), KV ({}) and buffers, {}; assumed hit rate {:.0}%, misses read from disk",
                 if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
                 human_bytes(model_bytes),
                 human_bytes(b.ram),
                 human_bytes(m.non_expert),
                 human_bytes(kv),
-                human_bytes(avail),
-                human_bytes(m.one_expert_all_layers),
-                staging_note(m, slots),
+                slots_phrase(m, avail, slots, fits),
                 assumed_hit_rate(slots, m.n_exp) * 100.0
             ),
         });
@@ -951,13 +957,12 @@ fn place(
             topic: "pool",
             choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
             why: format!(
-                "{}: the model ({}) does not fit VRAM ({}) and RAM ({}) together; the engine's pool keeps its slots in RAM (VRAM slots are not built yet): {} of RAM hold {slots} experts per layer{} (assumed hit rate {:.0}%), misses read from disk",
+                "{}: the model ({}) does not fit VRAM ({}) and RAM ({}) together; the engine's pool keeps its slots in RAM (VRAM slots are not built yet), where {} (assumed hit rate {:.0}%), misses read from disk",
                 if mode == PoolMode::On { "pool.mode = \"on\"" } else { "auto" },
                 human_bytes(model_bytes),
                 human_bytes(b.vram),
                 human_bytes(b.ram),
-                human_bytes(avail),
-                staging_note(m, slots),
+                slots_phrase(m, avail, slots, slots_fit),
                 assumed_hit_rate(slots, m.n_exp) * 100.0
             ),
         });
@@ -1048,11 +1053,10 @@ fn place(
         topic: "pool",
         choice: format!("on, {slots} of {} slots per layer in RAM", m.n_exp),
         why: format!(
-            "the experts ({}) do not fit the RAM budget ({}); {} hold {slots} experts per layer{} (assumed hit rate {:.0}%), misses from disk",
+            "the experts ({}) do not fit the RAM budget ({}); {} (assumed hit rate {:.0}%), misses from disk",
             human_bytes(m.expert_total),
             human_bytes(b.ram),
-            human_bytes(avail),
-            staging_note(m, slots),
+            slots_phrase(m, avail, slots, fits),
             assumed_hit_rate(slots, m.n_exp) * 100.0
         ),
     });
@@ -1079,6 +1083,29 @@ fn staging_note(m: &Model, slots: u32) -> String {
         )
     } else {
         format!(", plus read buffers ({})", human_bytes(POOL_IO_BYTES))
+    }
+}
+
+/// What `avail` bytes of RAM give the pool: "X hold N experts per layer (...)", or, when
+/// they cannot hold the minimum N, how much that minimum needs (the plan is then over
+/// budget and says so in its warnings).
+fn slots_phrase(m: &Model, avail: u64, slots: u32, fits: bool) -> String {
+    let what = format!(
+        "{slots} experts per layer (one expert in every layer is {}){}",
+        human_bytes(m.one_expert_all_layers),
+        staging_note(m, slots)
+    );
+    if fits {
+        format!("{} hold {what}", human_bytes(avail))
+    } else {
+        let need = u64::from(slots) * m.one_expert_all_layers
+            + if slots < m.n_exp { m.staging() } else { 0 }
+            + POOL_IO_BYTES;
+        format!(
+            "{} cannot hold the fewest slots a token needs, {what}: {} in all, so the plan is over budget",
+            human_bytes(avail),
+            human_bytes(need)
+        )
     }
 }
 
