@@ -179,6 +179,32 @@ impl Server {
         Ok(resp.body_mut().read_json()?)
     }
 
+    /// POSTs `body` as JSON to `path` and returns the HTTP status with the JSON answer,
+    /// error statuses included (`post` treats those as failures).
+    pub fn post_any(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let mut resp = ureq::post(&self.url(path))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.body_mut().read_json()?))
+    }
+
+    /// Everything the server printed, once it contains every one of `needles` (its log
+    /// thread may write after an answer has gone out), or as it is after `timeout`.
+    pub fn log_containing(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Greedy completion of `prompt`: the generated token ids (exactly `n_predict`, with
     /// end-of-generation ignored) and the full answer.
     pub fn greedy(&self, prompt: &str, n_predict: usize) -> anyhow::Result<(Vec<i64>, Value)> {
@@ -195,20 +221,7 @@ impl Server {
         n_predict: usize,
         n_probs: usize,
     ) -> anyhow::Result<Greedy> {
-        let answer = self.post(
-            "/completion",
-            &serde_json::json!({
-                "prompt": prompt,
-                "n_predict": n_predict,
-                "temperature": 0.0,
-                "top_k": 1,
-                "ignore_eos": true,
-                "cache_prompt": false,
-                "return_tokens": true,
-                "n_probs": n_probs,
-                "post_sampling_probs": false,
-            }),
-        )?;
+        let answer = self.post("/completion", &greedy_request(prompt, n_predict, n_probs))?;
         let tokens = answer["tokens"]
             .as_array()
             .with_context(|| format!("no tokens in the answer: {answer}"))?
@@ -275,6 +288,23 @@ impl Server {
             .parse::<u64>()?;
         Ok(kb * 1024)
     }
+}
+
+/// The `/completion` body of a greedy completion: `n_predict` tokens (end-of-generation
+/// ignored, no prompt cache), the ids returned, and the `n_probs` most likely tokens'
+/// log-probabilities from the raw logits at every position.
+pub fn greedy_request(prompt: &str, n_predict: usize, n_probs: usize) -> Value {
+    serde_json::json!({
+        "prompt": prompt,
+        "n_predict": n_predict,
+        "temperature": 0.0,
+        "top_k": 1,
+        "ignore_eos": true,
+        "cache_prompt": false,
+        "return_tokens": true,
+        "n_probs": n_probs,
+        "post_sampling_probs": false,
+    })
 }
 
 /// A greedy completion: generated tokens and, per position, (token, log-probability)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use expertd::engine::Flavor;
 use expertd::synth::{ExpertType, Preset, SynthConfig, write_model};
-use expertd_tests::{Greedy, MemCap, Server, engine_binary};
+use expertd_tests::{Greedy, MemCap, Server, engine_binary, greedy_request};
 
 /// About 150 prompt tokens with the synthetic vocabulary; the prompt is one ubatch, so it
 /// goes through the staging path whenever the slots are fewer than the experts.
@@ -215,38 +215,11 @@ fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
     assert_eq!(a, b, "context shift: the pool changed the output");
 }
 
-/// POSTs a greedy completion and returns the HTTP status with the JSON answer (errors
-/// included: `Server::post` treats them as failures).
+/// A greedy completion's HTTP status and answer, errors included.
 fn completion_status(server: &Server, prompt: &str, n_predict: usize) -> (u16, serde_json::Value) {
-    let mut resp = ureq::post(&server.url("/completion"))
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .send_json(serde_json::json!({
-            "prompt": prompt,
-            "n_predict": n_predict,
-            "temperature": 0.0,
-            "top_k": 1,
-            "ignore_eos": true,
-            "cache_prompt": false,
-            "return_tokens": true,
-        }))
-        .expect("the server answers");
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_json().expect("a JSON answer"))
-}
-
-/// llama-server's log once it contains every one of `needles` (its log thread writes
-/// after the answer has gone out), or as it is after 10 s.
-fn log_with(server: &Server, needles: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = server.log_text();
-        if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    server
+        .post_any("/completion", &greedy_request(prompt, n_predict, 0))
+        .expect("the server answers")
 }
 
 #[test]
@@ -299,7 +272,7 @@ fn a_read_error_fails_the_request_and_the_server_keeps_serving() {
         "staging experts failed: EP_ERR_FILE_CHANGED",
         "was truncated",
     ];
-    let log = log_with(&server, &why);
+    let log = server.log_containing(&why, std::time::Duration::from_secs(10));
     assert!(
         why.iter().all(|n| log.contains(n)),
         "llama-server's log does not say why:\n{log}"
@@ -312,7 +285,7 @@ fn a_read_error_fails_the_request_and_the_server_keeps_serving() {
         "decoding with experts that cannot be read: {failed}"
     );
     let why = "making experts resident failed: EP_ERR_FILE_CHANGED";
-    let log = log_with(&server, &[why]);
+    let log = server.log_containing(&[why], std::time::Duration::from_secs(10));
     assert!(
         log.contains(why),
         "llama-server's log does not say why:\n{log}"
