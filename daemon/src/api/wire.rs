@@ -20,7 +20,7 @@
 //!   "last_error": string|null, "last_error_at": unix s|null,
 //!   "plan": PlanDoc|null,
 //!   "pool": null | { "available": bool, "hits", "misses", "hit_rate"|null, "evictions", "bytes_read",
-//!                    "stall_seconds", "prefetch_issued", "prefetch_used", "not_fit",
+//!                    "stall_seconds", "prefetch_issued", "prefetch_used", "not_fit", "errors",
 //!                    "updated_at", "layers": [{layer, hits, misses, hit_rate, ...}], "raw": <file> },
 //!   "decode": null | { "tokens_per_second", "tokens_predicted_total", "prompt_tokens_per_second" }
 //! }
@@ -160,6 +160,9 @@ pub struct PoolDoc {
     pub prefetch_issued: u64,
     pub prefetch_used: u64,
     pub not_fit: u64,
+    /// Failed pool requests, stage calls and prefetch fills (read errors, a changed
+    /// model file); a failed request or stage call fails a client's request.
+    pub errors: u64,
     pub updated_at: Option<f64>,
     pub layers: Vec<PoolLayerDoc>,
     pub raw: serde_json::Value,
@@ -365,6 +368,7 @@ pub fn status_doc(
             prefetch_issued: ps.total.prefetch_issued,
             prefetch_used: ps.total.prefetch_used,
             not_fit: ps.total.not_fit,
+            errors: ps.total.errors,
             updated_at: ps.modified.map(unix),
             layers: ps.layers.iter().map(|(l, c)| pool_layer(*l, c)).collect(),
             raw: ps.raw.clone(),
@@ -380,6 +384,7 @@ pub fn status_doc(
             prefetch_issued: 0,
             prefetch_used: 0,
             not_fit: 0,
+            errors: 0,
             updated_at: None,
             layers: Vec::new(),
             raw: serde_json::Value::Null,
@@ -627,6 +632,12 @@ pub fn metrics_text(s: &Status, m: &EngineMetrics) -> String {
             "Time the engine waited for expert reads.",
             "counter",
             &one(t.stall_ns as f64 / 1e9),
+        );
+        g(
+            "expertd_pool_errors_total",
+            "Failed expert pool requests, stage calls and prefetch fills (read errors, a changed model file).",
+            "counter",
+            &one(t.errors as f64),
         );
         if let Some(h) = t.hit_rate() {
             g(

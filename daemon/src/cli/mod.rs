@@ -9,7 +9,7 @@ mod engine;
 mod gguf;
 mod plan;
 mod serve;
-mod status;
+pub(crate) mod status;
 mod synth;
 mod trace;
 

@@ -166,6 +166,11 @@ pub fn summary(d: &serde_json::Value) -> String {
                 human_bytes(pl["bytes_read"].as_u64().unwrap_or(0)),
                 pl["stall_seconds"].as_f64().unwrap_or(0.0)
             ));
+            if let Some(n) = pl["errors"].as_u64().filter(|n| *n > 0) {
+                o.push_str(&format!(
+                    "pool: {n} errors (a read failed or the model file changed; each failed the client request that needed it)\n"
+                ));
+            }
         } else {
             o.push_str("pool: no statistics published yet\n");
         }

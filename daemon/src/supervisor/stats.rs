@@ -33,6 +33,10 @@ pub struct PoolCounters {
     pub prefetch_used: u64,
     /// Requests larger than the slots (the pool's `does_not_fit`).
     pub not_fit: u64,
+    /// Failed requests, stage calls and prefetch fills (a read error, the model file
+    /// changed): each failed request or stage call failed the engine's computation, and
+    /// with it a client's request.
+    pub errors: u64,
 }
 
 impl PoolCounters {
@@ -94,6 +98,7 @@ fn counters(v: &serde_json::Value) -> PoolCounters {
         prefetch_used: g(&["prefetch_used", "prefetch_hits", "prefetch_useful"])
             + g(&["stage_ahead_used"]),
         not_fit: g(&["does_not_fit", "not_fit"]),
+        errors: g(&["errors"]),
     }
 }
 
@@ -106,6 +111,7 @@ fn add(a: &mut PoolCounters, b: &PoolCounters) {
     a.prefetch_issued += b.prefetch_issued;
     a.prefetch_used += b.prefetch_used;
     a.not_fit += b.not_fit;
+    a.errors += b.errors;
 }
 
 /// Parses pool stats JSON; None if it is not a JSON object.
@@ -278,6 +284,7 @@ mod tests {
             stage_ahead_used: 3,
             prefetch_issued: 1,
             prefetch_useful: 1,
+            errors: 1,
             ..Default::default()
         };
         let layer = |layer, counters| LayerStats {
@@ -305,6 +312,35 @@ mod tests {
         let s = parse_pool_stats(&serde_json::to_vec(&snap).unwrap()).unwrap();
         assert_eq!((s.total.hits, s.total.misses, s.total.not_fit), (8, 4, 4));
         assert_eq!((s.total.prefetch_issued, s.total.prefetch_used), (12, 8));
+        assert_eq!(s.total.errors, 2);
+
+        // Through the status document, `expertd status` and /metrics.
+        let config = crate::config::Config::parse(
+            "model = \"/srv/models/m.gguf\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &crate::config::ConfigEnv::default(),
+        )
+        .unwrap();
+        let status = Status::new(&config);
+        let m = EngineMetrics {
+            pool: Some(Arc::new(s.clone())),
+            decode: None,
+        };
+        let doc = serde_json::to_value(crate::api::wire::status_doc(
+            &status,
+            &m,
+            Path::new("/run/expertd.sock"),
+            None,
+        ))
+        .unwrap();
+        assert_eq!(doc["pool"]["errors"], 2);
+        assert!(
+            crate::cli::status::summary(&doc).contains("pool: 2 errors (a read failed"),
+            "{}",
+            crate::cli::status::summary(&doc)
+        );
+        let text = crate::api::wire::metrics_text(&status, &m);
+        assert!(text.contains("expertd_pool_errors_total 2\n"), "{text}");
         assert_eq!(s.layers.len(), 2);
         assert_eq!(
             (s.layers[1].0, s.layers[1].1.hits, s.layers[1].1.misses),
