@@ -390,4 +390,32 @@ fn two_gpus_hold_a_compute_buffer_each() {
     assert!(v1.compute > 0);
     assert_eq!(v2.compute, 2 * v1.compute, "one compute buffer per GPU");
     assert!(v2.total() <= v2.budget);
+    let batch = two.reasons.iter().find(|r| r.topic == "batch").unwrap();
+    assert!(
+        batch.why.contains("one on each of the 2 GPUs"),
+        "{}",
+        batch.why
+    );
+}
+
+/// When the fewest slots a token needs are every expert (here 2 used by each of 4
+/// parallel sequences, of 8 experts), the engine keeps no staging area, so the plan
+/// counts none, also when those slots do not fit: the pool is the experts and the read
+/// buffers.
+#[test]
+fn a_slot_for_every_expert_needs_no_staging_area() {
+    let (mut snap, mut config) = load("cpu_ram_40pct");
+    let i = &mut snap.model.info;
+    i.expert_count = 8;
+    i.expert_used_count = 2;
+    config.plan.parallel = 4;
+    config.pool.mode = PoolMode::On;
+    // Too little RAM for 8 experts per layer: the plan is over budget, at the minimum.
+    config.memory.ram = expertd::config::Budget::Bytes(400 << 20);
+    let p = plan(&snap, &config);
+    assert_eq!(p.pool.as_ref().map(|x| x.slots), Some(8));
+    assert!(!p.within_budget);
+    let ram = p.memory.iter().find(|t| t.tier.as_str() == "ram").unwrap();
+    let one: u64 = snap.model.info.expert_bytes_per_layer.values().sum();
+    assert_eq!(ram.experts, 8 * one + expertd::plan::POOL_IO_BYTES, "{p}");
 }

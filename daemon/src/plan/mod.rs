@@ -459,7 +459,9 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
     let kv_cap = (kv_tier_budget as f64 * KV_SHARE) as u64;
     // First candidate whose KV is within its share and whose placement fits; else the first
     // that fits at all; else the smallest (reported as over budget).
-    let ubatch = choose_ubatch(&m, if use_gpu { b.vram } else { b.ram });
+    // With several GPUs each holds a compute buffer: the share is of one GPU's part.
+    let gpus = if use_gpu { b.gpus.max(1) as u64 } else { 1 };
+    let ubatch = choose_ubatch(&m, if use_gpu { b.vram / gpus } else { b.ram });
     let mut chosen = None;
     for (i, (ctx, t)) in candidates.iter().enumerate() {
         let p = place(&m, &b, config, *ctx, *t, ubatch, parallel, use_gpu);
@@ -527,8 +529,13 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         topic: "batch",
         choice: format!("-b 2048 -ub {ubatch}"),
         why: format!(
-            "compute buffers ({}) kept to at most 10% of the fast tier; prefill batches larger than the pool's slots are computed from its staging area",
-            human_bytes(m.compute(ubatch))
+            "compute buffers ({}) kept to at most 10% of the fast tier{}; prefill batches larger than the pool's slots are computed from its staging area",
+            human_bytes(m.compute(ubatch).saturating_mul(gpus)),
+            if gpus > 1 {
+                format!(" (one on each of the {gpus} GPUs)")
+            } else {
+                String::new()
+            }
         ),
     });
     if parallel > 1 {
@@ -1130,6 +1137,9 @@ fn ram_slots(m: &Model, avail: u64, min_slots: u32) -> (u32, u64, bool) {
     let staging = m.staging();
     let fit_slots = (avail.saturating_sub(staging) / one).min(u64::from(m.n_exp)) as u32;
     let slots = fit_slots.max(min_slots);
+    // With a slot for every expert (the fewest a token needs can be all of them) the
+    // engine keeps no staging area.
+    let staging = if slots < m.n_exp { staging } else { 0 };
     (
         slots,
         u64::from(slots) * one + staging + POOL_IO_BYTES,
