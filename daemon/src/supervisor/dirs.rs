@@ -69,6 +69,11 @@ impl DirWatches {
                 kept.push(w);
                 continue;
             }
+            // notify may still hold a watch for this path on a directory that was moved
+            // away (the kernel's watch follows the inode): drop it first, or its events
+            // would come in under this path and its later removal would take the new
+            // directory's watch with it.
+            let _ = self.watcher.unwatch(&w.0);
             match self
                 .watcher
                 .watch(&w.0, notify::RecursiveMode::NonRecursive)
@@ -151,6 +156,29 @@ mod tests {
             "a directory made again is not watched"
         );
         assert_eq!(w.dirs.len(), 1);
+
+        // Moved away and made again: the old directory's watch goes, the new one's
+        // comes, and removing the old directory later leaves the new one watched.
+        let old = top.path().join("models.old");
+        std::fs::rename(&models, &old).unwrap();
+        std::fs::create_dir(&models).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain(&mut rx, &mut w);
+        w.set(vec![models.clone()]);
+        std::fs::write(old.join("x"), b"old").unwrap();
+        assert!(
+            !event_under(&mut rx, &models, 0.5).await,
+            "the moved-away directory still reports under the old path"
+        );
+        std::fs::remove_dir_all(&old).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain(&mut rx, &mut w);
+        w.set(vec![models.clone()]);
+        std::fs::write(models.join("m.gguf"), b"four").unwrap();
+        assert!(
+            event_under(&mut rx, &models, 5.0).await,
+            "the new directory lost its watch when the old one was removed"
+        );
 
         // Not wanted any more: no events from it.
         w.set(vec![top.path().to_path_buf()]);
