@@ -168,7 +168,7 @@ pub fn summary(d: &serde_json::Value) -> String {
             ));
             if let Some(n) = pl["errors"].as_u64().filter(|n| *n > 0) {
                 o.push_str(&format!(
-                    "pool: {n} errors (a read failed or the model file changed; each failed the client request that needed it)\n"
+                    "pool: {n} errors (a read failed or the model file changed; the engine's log says which requests failed)\n"
                 ));
             }
         } else {

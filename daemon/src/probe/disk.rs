@@ -5,7 +5,9 @@
 //! reads where the filesystem refuses `O_DIRECT`, and says so), stopping after
 //! [`PROBE_TIME`]. A result read with `O_DIRECT` is cached per (device, file, size) for
 //! [`CACHE_TTL_SECS`]; a buffered one is not (it may have read the page cache, so it
-//! says how warm the file was, not how fast the disk is, and is measured again next time).
+//! says how warm the file was, not how fast the disk is, and is measured again next time;
+//! the probe drops what its buffered reads brought into the page cache, so that the next
+//! one is not flattered by its own leftovers).
 
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -103,11 +105,12 @@ pub fn measure(path: &Path) -> std::io::Result<DiskProbe> {
     let want = (PROBE_BYTES / BLOCK as u64).min(blocks_in_file);
     // Spread the reads over the file: a stride that is coprime-ish with the block count.
     let stride = (blocks_in_file / want).max(1);
+    let block_offset = |i: u64| ((i * stride) % blocks_in_file) * BLOCK as u64;
     let t0 = Instant::now();
     let mut read = 0u64;
     let mut direct_ok = direct;
     for i in 0..want {
-        let offset = ((i * stride) % blocks_in_file) * BLOCK as u64;
+        let offset = block_offset(i);
         let n = match file.read_at(buf, offset) {
             Ok(n) => n,
             Err(e) if direct_ok && e.raw_os_error() == Some(22) => {
@@ -124,6 +127,19 @@ pub fn measure(path: &Path) -> std::io::Result<DiskProbe> {
         }
     }
     let secs = t0.elapsed().as_secs_f64().max(1e-6);
+    if !direct_ok {
+        // Buffered reads left these blocks in the page cache: drop them (pages mapped by
+        // a running engine stay), so that the next probe, which reads the same blocks,
+        // measures the disk again and not this probe's leftovers. A hint: errors ignored.
+        for i in 0..want {
+            let _ = rustix::fs::fadvise(
+                &file,
+                block_offset(i),
+                std::num::NonZeroU64::new(BLOCK as u64),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
+    }
     Ok(DiskProbe {
         read_bytes_per_sec: (read as f64 / secs) as u64,
         bytes_read: read,
