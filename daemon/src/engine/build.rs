@@ -81,8 +81,12 @@ pub fn build_engine(
     opts: &BuildOptions,
     say: &mut dyn FnMut(&str),
 ) -> Result<BuiltEngine, BuildError> {
+    // Absolute: patches are applied and cmake runs from other directories.
+    let workspace = &fs::canonicalize(workspace).map_err(io_err(workspace))?;
     let layout = EngineLayout::new(workspace, opts.flavor, opts.backend);
     check_tools(opts)?;
+    // One build at a time per workspace: two would fetch, stage and sync the same trees.
+    let _lock = lock_builds(&layout, say)?;
 
     say("fetching and verifying the pinned llama.cpp source");
     fetch(workspace)?;
@@ -112,8 +116,9 @@ pub fn build_engine(
     fs::create_dir_all(&build_dir).map_err(io_err(&build_dir))?;
     let args_file = build_dir.join("expertd-configure-args");
     let args_text = configure.join("\n");
-    let configured = build_dir.join("CMakeCache.txt").is_file()
-        && fs::read_to_string(&args_file).is_ok_and(|t| t == args_text);
+    let cache = build_dir.join("CMakeCache.txt");
+    let configured =
+        cache.is_file() && fs::read_to_string(&args_file).is_ok_and(|t| t == args_text);
     let log = layout
         .work_dir()
         .join(format!("build-{}.log", opts.backend));
@@ -124,6 +129,15 @@ pub fn build_engine(
             opts.flavor.as_str(),
             opts.backend
         ));
+        // cmake keeps cached values of arguments no longer given (and a generator it
+        // was first configured with): other arguments, or a configure that failed,
+        // start from an empty cache. The objects stay, and ccache has them anyway.
+        remove_if_exists(&args_file)?;
+        remove_if_exists(&cache)?;
+        let files = build_dir.join("CMakeFiles");
+        if files.exists() {
+            fs::remove_dir_all(&files).map_err(io_err(&files))?;
+        }
         let mut cmd = Command::new("cmake");
         cmd.arg("-S")
             .arg(layout.src_dir())
@@ -290,10 +304,40 @@ fn prepare_source(layout: &EngineLayout, say: &mut dyn FnMut(&str)) -> Result<()
             patch.file_name().unwrap_or_default().to_string_lossy()
         ));
     }
+    // The stamp goes first: a sync cut short (disk full, interrupted) must not leave a
+    // mixed tree that an old stamp vouches for.
+    remove_if_exists(&stamp_file)?;
     let written = tree::sync_tree(&stage, &src)?;
     say(&format!("  {written} files changed in {}", src.display()));
     fs::write(&stamp_file, &stamp).map_err(io_err(&stamp_file))?;
     Ok(())
+}
+
+/// Takes the workspace's engine build lock (`target/engine-work/.lock`, released when
+/// the file is dropped), waiting for another build that holds it.
+fn lock_builds(layout: &EngineLayout, say: &mut dyn FnMut(&str)) -> Result<fs::File, BuildError> {
+    use rustix::fs::{FlockOperation, flock};
+    let dir = layout
+        .work_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        say("another engine build runs in this workspace: waiting for it");
+        flock(&file, FlockOperation::LockExclusive).map_err(|e| BuildError::Io {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+    }
+    Ok(file)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), BuildError> {
