@@ -375,8 +375,20 @@ fn a_changed_socket_is_moved_to_on_reload() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The cause removed, a reload (SIGHUP, config unchanged) tries that socket again.
+    std::fs::remove_file(&blocked).unwrap();
+    assert!(signal("HUP", &d.pid().to_string()));
+    d.socket = blocked.clone();
+    let s = d.wait_status(
+        "status on the unblocked socket",
+        Duration::from_secs(30),
+        |s| s["daemon"]["socket"] == blocked.display().to_string(),
+    );
+    assert!(s["daemon"]["socket_error"].is_null());
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
-    assert!(!new.exists(), "socket left behind");
+    assert!(!new.exists(), "old socket left behind");
+    assert!(!blocked.exists(), "socket left behind");
 }
 
 #[test]

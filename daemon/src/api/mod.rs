@@ -25,6 +25,11 @@ use tokio::sync::watch;
 use crate::supervisor::Status;
 use crate::supervisor::stats::EngineMetrics;
 
+/// Status connections served at once (more are closed when accepted).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why the socket could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -36,15 +41,55 @@ pub enum ApiError {
     Bind { path: PathBuf, err: std::io::Error },
 }
 
-/// Binds the status socket: makes its directory, replaces a stale socket (one nobody
-/// answers on), and sets mode 0660.
+/// Makes `dir` (and its missing parents) and checks that nobody else controls it: it and
+/// its parent must be real directories owned by this user or root, and not writable by
+/// everyone unless sticky (like /tmp). Otherwise whoever does could replace what the
+/// daemon keeps there (a status socket that answers with made-up state, a probe cache
+/// that steers the plan): `/tmp/expertd-UID`, the fallback when no runtime or state
+/// directory is known, could have been made by another user first.
+pub fn trusted_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(d)?;
+        let why = if !meta.is_dir() {
+            Some("is not a directory (a symlink is not followed)".to_string())
+        } else if meta.uid() != me && meta.uid() != 0 {
+            Some(format!(
+                "belongs to uid {}, not this user ({me}) or root",
+                meta.uid()
+            ))
+        } else if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+            Some("is writable by every user (and not sticky)".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} {why}: another user could replace what expertd keeps there",
+                    d.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Binds the status socket: makes its directory (which must be [`trusted_dir`]), replaces
+/// a stale socket (one nobody answers on), and sets mode 0660.
 pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let err = |err| ApiError::Bind {
         path: path.to_path_buf(),
         err,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        trusted_dir(dir).map_err(err)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -131,8 +176,14 @@ pub async fn serve(
     let mut status = src.status.clone();
     // False once the supervisor is gone (no more changes can come).
     let mut status_open = true;
-    // A socket that could not be bound; tried again only after the config names another.
+    // A socket that could not be bound; tried again after the config names another or
+    // on the next reload (its cause may have been fixed).
     let mut failed: Option<PathBuf> = None;
+    let mut reloads = status.borrow().reloads;
+    // Connections served at once: more are closed at once, so that clients that open
+    // many and never finish a request cannot use up the daemon's file descriptors (the
+    // engine's health checks need some).
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = &mut shutdown => return src.socket,
@@ -141,7 +192,14 @@ pub async fn serve(
                     status_open = false;
                     continue;
                 }
-                let wanted = status.borrow_and_update().socket.clone();
+                let (wanted, now) = {
+                    let st = status.borrow_and_update();
+                    (st.socket.clone(), st.reloads)
+                };
+                if now != reloads {
+                    reloads = now;
+                    failed = None;
+                }
                 if let Some(l) = move_socket(&wanted, &mut src, &mut failed).await {
                     listener = l;
                 }
@@ -156,14 +214,21 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("status socket: {MAX_CONNECTIONS} connections open, one closed");
+            continue;
+        };
         let src = src.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let resp = handle(req.method(), req.uri().path(), &src);
                     async move { Ok::<_, Infallible>(resp) }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
                 tracing::debug!("status connection: {e}");
@@ -220,6 +285,11 @@ pub enum ClientError {
     /// No daemon answered on any of the sockets.
     #[error("no expertd answers on {}: {last}", tried.join(", "))]
     Unreachable { tried: Vec<String>, last: String },
+    /// A socket exists but this user may not connect to it (not in the socket's group).
+    #[error(
+        "{socket}: permission denied: expertd's status socket is readable by its owner and group (mode 0660); run as a member of its group, or as root"
+    )]
+    Denied { socket: String },
     /// The daemon answered with an error.
     #[error("expertd answered HTTP {status}: {body}")]
     Status { status: u16, body: String },
@@ -235,6 +305,13 @@ pub async fn get(sockets: &[PathBuf], path: &str) -> Result<String, ClientError>
                 return Err(ClientError::Status {
                     status: r.status,
                     body: r.text(),
+                });
+            }
+            Err(http::HttpError::Connect { err, .. })
+                if err.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return Err(ClientError::Denied {
+                    socket: s.display().to_string(),
                 });
             }
             Err(e) => last = e.to_string(),
@@ -278,5 +355,100 @@ pub mod blocking {
         runtime().block_on(super::http::tcp_request(
             host, port, method, path, body, timeout,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncReadExt;
+
+    fn sources(socket: &Path) -> (Sources, watch::Sender<Status>) {
+        let config = crate::config::Config::parse(
+            "model = \"/srv/m.gguf\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &crate::config::ConfigEnv::default(),
+        )
+        .unwrap();
+        let (tx, status) = watch::channel(crate::supervisor::Supervisor::initial_status(&config));
+        let (_mtx, metrics) = watch::channel(EngineMetrics::default());
+        let src = Sources {
+            status,
+            metrics,
+            socket: socket.to_path_buf(),
+            socket_error: None,
+        };
+        (src, tx)
+    }
+
+    /// Clients that open connections and never send a request cannot hold more than
+    /// MAX_CONNECTIONS of the daemon's descriptors, and each one only for the header
+    /// timeout; the status answers again once they are gone.
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = bind(&sock).await.unwrap();
+        let (src, _tx) = sources(&sock);
+        let server = tokio::spawn(serve(listener, src, std::future::pending()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // One more is closed at once: it reads end-of-file, not a hang.
+        let mut extra = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf))
+            .await
+            .expect("a connection over the cap is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // The idle ones are closed after the header timeout.
+        let mut first = idle.remove(0);
+        let n = tokio::time::timeout(HEADER_TIMEOUT * 2, first.read(&mut buf))
+            .await
+            .expect("an idle connection is closed after the header timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = http::unix_request(&sock, "GET", "/health", Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        server.abort();
+    }
+
+    /// A directory another user could write to or own is refused for the socket and the
+    /// state; one of this user's is made and taken.
+    #[tokio::test]
+    async fn a_directory_others_control_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = trusted_dir(&open).unwrap_err();
+        assert!(e.to_string().contains("writable by every user"), "{e}");
+        let e = bind(&open.join("status.sock")).await.unwrap_err();
+        assert!(e.to_string().contains("writable by every user"), "{e}");
+        // Its subdirectory is refused too: the open parent could swap it.
+        let e = trusted_dir(&open.join("state")).unwrap_err();
+        assert!(e.to_string().contains("writable by every user"), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let e = trusted_dir(&link).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = trusted_dir(&theirs).unwrap_err();
+            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        }
+        let mine = dir.path().join("a/b");
+        trusted_dir(&mine).unwrap();
+        assert!(mine.is_dir());
     }
 }

@@ -12,6 +12,8 @@ use crate::config::{Config, ConfigEnv, human_bytes};
 
 /// No daemon answers (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// A daemon's socket exists but this user may not connect to it (sysexits EX_NOPERM).
+pub const EXIT_NOPERM: u8 = 77;
 
 /// Arguments of `expertd status`.
 #[derive(Debug, clap::Args)]
@@ -74,6 +76,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "expertd: if a daemon runs, it may still listen on an earlier socket (one started with another config, or a socket change it could not apply: see its log)"
             );
             return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+        Err(e @ crate::api::ClientError::Denied { .. }) => {
+            eprintln!("expertd: {e}");
+            return Ok(ExitCode::from(EXIT_NOPERM));
         }
         Err(e) => return Err(e.into()),
     };

@@ -18,7 +18,7 @@ use crate::config::Config;
 
 /// The config is invalid or names a model or engine that cannot be used (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
-/// The status socket cannot be created (sysexits EX_CANTCREAT).
+/// The status socket or the state directory cannot be created (sysexits EX_CANTCREAT).
 pub const EXIT_CANTCREAT: u8 = 73;
 /// Internal failure (sysexits EX_SOFTWARE).
 pub const EXIT_SOFTWARE: u8 = 70;
@@ -33,6 +33,12 @@ pub enum DaemonError {
     Prepare(#[from] super::PrepareError),
     #[error(transparent)]
     Socket(#[from] crate::api::ApiError),
+    /// The state directory cannot be made, or another user controls it.
+    #[error("state directory {path}: {err}")]
+    StateDir {
+        path: std::path::PathBuf,
+        err: std::io::Error,
+    },
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signals(std::io::Error),
@@ -46,7 +52,7 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Config(_) | DaemonError::Prepare(_) => EXIT_CONFIG,
-            DaemonError::Socket(_) => EXIT_CANTCREAT,
+            DaemonError::Socket(_) | DaemonError::StateDir { .. } => EXIT_CANTCREAT,
             DaemonError::Signals(_) | DaemonError::Supervisor(_) => EXIT_SOFTWARE,
         }
     }
@@ -65,6 +71,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         "expertd {} starting",
         env!("CARGO_PKG_VERSION")
     );
+    // The probe reads its cache there, and the engine writes its pool stats there.
+    crate::api::trusted_dir(&config.state_dir).map_err(|err| DaemonError::StateDir {
+        path: config.state_dir.clone(),
+        err,
+    })?;
     let prepared = prepare(&config).await?;
     tracing::info!("plan:\n{}", prepared.plan);
     let listener = crate::api::bind(&config.socket).await?;
