@@ -21,6 +21,9 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/expertd/expertd.toml";
 /// Environment variable naming the config file (below `--config`, above the default).
 pub const CONFIG_ENV: &str = "EXPERTD_CONFIG";
+/// The longest path a unix socket can have on Linux (`sun_path` is 108 bytes with NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Where a service's status socket is, when the config does not name one.
 pub const SERVICE_SOCKET: &str = "/run/expertd/status.sock";
 /// The engine's path in a system install (the package puts the patched llama-server here).
@@ -437,7 +440,17 @@ struct RawOllama {
 
 /// Flags llama-server must get from the plan, not from `engine.extra_args`: the daemon
 /// relies on them (model, address) or they are what the plan is about.
-const RESERVED_ENGINE_ARGS: &[&str] = &["-m", "--model", "--host", "--port", "--expert-pool-stats"];
+/// Flags expertd sets, or that would move what it relies on: the model, the address,
+/// the pool's stats file, and the path of `/health` (`--api-prefix`: the health checks
+/// would get 404 and the engine would be killed as unresponsive).
+const RESERVED_ENGINE_ARGS: &[&str] = &[
+    "-m",
+    "--model",
+    "--host",
+    "--port",
+    "--expert-pool-stats",
+    "--api-prefix",
+];
 
 impl Config {
     /// Reads and checks the file at `path` with this process's environment.
@@ -496,6 +509,22 @@ impl Config {
             Some(p) => require_absolute(p, "socket").map_err(|r| invalid("socket", r))?,
             None => env.default_socket(),
         };
+        // sockaddr_un holds 108 bytes with the terminating NUL.
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "socket",
+                format!(
+                    "{} is {} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}{}",
+                    socket.display(),
+                    socket.as_os_str().len(),
+                    if socket_explicit {
+                        ""
+                    } else {
+                        " (set `socket` to a shorter path)"
+                    }
+                ),
+            ));
+        }
 
         let m = raw.memory;
         let memory = MemoryConfig {
@@ -547,7 +576,15 @@ impl Config {
             if RESERVED_ENGINE_ARGS.contains(&flag) {
                 return Err(invalid(
                     "engine.extra_args",
-                    format!("{flag} is set by expertd (use `model`, `engine.host`, `engine.port`)"),
+                    if flag == "--api-prefix" {
+                        format!(
+                            "{flag} moves /health, which expertd checks to know the engine is up"
+                        )
+                    } else {
+                        format!(
+                            "{flag} is set by expertd (use `model`, `engine.host`, `engine.port`)"
+                        )
+                    },
                 ));
             }
         }
@@ -555,6 +592,12 @@ impl Config {
         for k in env_vars.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(invalid("engine.env", format!("not a variable name: {k:?}")));
+            }
+            if k == "LLAMA_ARG_API_PREFIX" {
+                return Err(invalid(
+                    "engine.env",
+                    format!("{k} moves /health, which expertd checks to know the engine is up"),
+                ));
             }
         }
         let binary = match e.binary {

@@ -79,6 +79,21 @@ const BAD: &[(&str, &str, &str)] = &[
         "--port is set by expertd",
     ),
     (
+        "model = \"m.gguf\"\nsocket = \"/run/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/status.sock\"",
+        "socket",
+        "a unix socket path has at most 107",
+    ),
+    (
+        "model = \"m.gguf\"\n[engine]\nextra_args = [\"--api-prefix\", \"/x\"]",
+        "engine.extra_args",
+        "--api-prefix moves /health",
+    ),
+    (
+        "model = \"m.gguf\"\n[engine.env]\nLLAMA_ARG_API_PREFIX = \"/x\"",
+        "engine.env",
+        "LLAMA_ARG_API_PREFIX moves /health",
+    ),
+    (
         "model = \"m.gguf\"\n[engine]\nextra_args = [\"-m=x.gguf\"]",
         "engine.extra_args",
         "-m is set by expertd",
