@@ -419,3 +419,52 @@ fn a_slot_for_every_expert_needs_no_staging_area() {
     let one: u64 = snap.model.info.expert_bytes_per_layer.values().sum();
     assert_eq!(ram.experts, 8 * one + expertd::plan::POOL_IO_BYTES, "{p}");
 }
+
+/// NVML lists every GPU; CUDA_VISIBLE_DEVICES (the engine's, from `engine.env` or the
+/// daemon's environment) decides which the engine uses, and the plan budgets only those.
+#[test]
+fn only_the_gpus_cuda_shows_the_engine_count() {
+    let (one_snap, config) = load("gpu80_gpt_oss_120b");
+    let mut two = one_snap.clone();
+    let gpu = two.gpus[0].clone();
+    two.gpus = (0..2)
+        .map(|i| {
+            let mut g = gpu.clone();
+            g.index = i;
+            g
+        })
+        .collect();
+    let vram = |p: &Plan| {
+        p.memory
+            .iter()
+            .find(|t| t.tier.as_str() == "vram")
+            .map(|t| t.budget)
+    };
+    let both = plan(&two, &config);
+    let one = plan(&one_snap, &config);
+    assert_eq!(vram(&both), vram(&one).map(|b| 2 * b));
+
+    // From the daemon's environment: one GPU, as if the host had one.
+    let mut snap = two.clone();
+    snap.cuda_visible_devices = Some("1".into());
+    let p = plan(&snap, &config);
+    assert_eq!(vram(&p), vram(&one));
+    let why = p.reasons.iter().find(|r| r.topic == "gpu_visible").unwrap();
+    assert_eq!(why.choice, "1 of 2");
+    assert!(why.why.contains("the engine sees GPU 1"), "{}", why.why);
+    assert_properties("CUDA_VISIBLE_DEVICES=1", &snap, &config, &p);
+
+    // engine.env wins over the daemon's; -1 hides every GPU: a CPU plan.
+    let mut cfg = config.clone();
+    cfg.engine
+        .env
+        .insert("CUDA_VISIBLE_DEVICES".into(), "-1".into());
+    let p = plan(&snap, &cfg);
+    assert_eq!(vram(&p), None, "{p}");
+    assert_eq!(p.gpu_layers, 0);
+
+    // UUIDs are not mapped to NVML's list: every GPU counts.
+    let mut snap = two.clone();
+    snap.cuda_visible_devices = Some("GPU-8a1f".into());
+    assert_eq!(vram(&plan(&snap, &config)), vram(&both));
+}

@@ -248,6 +248,53 @@ impl Model {
     }
 }
 
+/// The GPUs the engine will see when `CUDA_VISIBLE_DEVICES` (from `engine.env`, else the
+/// daemon's, which the engine inherits) selects some, with why; `None` when it is not set
+/// or names GPUs by UUID (not mapped: every GPU counts). Like CUDA, an entry that is not
+/// a GPU index ends the list (`-1` hides them all). The indices are CUDA's order, NVML's
+/// (PCI bus) order when `CUDA_DEVICE_ORDER=PCI_BUS_ID`; on hosts of identical GPUs the
+/// two agree on everything the plan uses.
+fn visible_gpus(s: &Snapshot, c: &Config) -> Option<(Vec<crate::probe::GpuProbe>, String)> {
+    let (spec, from) = match c.engine.env.get("CUDA_VISIBLE_DEVICES") {
+        Some(v) => (v.as_str(), "engine.env"),
+        None => (
+            s.cuda_visible_devices.as_deref()?,
+            "the daemon's environment",
+        ),
+    };
+    let entries: Vec<&str> = spec.split(',').map(str::trim).collect();
+    if entries
+        .iter()
+        .any(|e| e.starts_with("GPU-") || e.starts_with("MIG-"))
+    {
+        return None;
+    }
+    let mut gpus = Vec::new();
+    for e in entries {
+        match e
+            .parse::<u32>()
+            .ok()
+            .and_then(|i| s.gpus.iter().find(|g| g.index == i))
+        {
+            Some(g) if !gpus.contains(g) => gpus.push(g.clone()),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let why = format!(
+        "CUDA_VISIBLE_DEVICES={spec:?} ({from}): the engine sees {}",
+        if gpus.is_empty() {
+            "no GPU".to_string()
+        } else {
+            gpus.iter()
+                .map(|g| format!("GPU {}", g.index))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    Some((gpus, why))
+}
+
 /// Budgets in force.
 struct Budgets {
     ram: u64,
@@ -367,6 +414,23 @@ struct Placement {
 pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
     let mut reasons = Vec::new();
     let mut warnings = Vec::new();
+    // From here on the GPUs are those the engine will see.
+    let visible;
+    let snapshot = match visible_gpus(snapshot, config) {
+        Some((gpus, why)) => {
+            reasons.push(Reason {
+                topic: "gpu_visible",
+                choice: format!("{} of {}", gpus.len(), snapshot.gpus.len()),
+                why,
+            });
+            visible = Snapshot {
+                gpus,
+                ..snapshot.clone()
+            };
+            &visible
+        }
+        None => snapshot,
+    };
     let m = Model::from(snapshot);
     let b = budgets(snapshot, config, &mut reasons, &mut warnings);
     let threads = config.plan.threads.unwrap_or_else(|| {

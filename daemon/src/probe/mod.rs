@@ -32,6 +32,10 @@ pub struct Snapshot {
     /// `None` when the disk could not be probed.
     #[serde(default)]
     pub disk: Option<DiskProbe>,
+    /// The daemon's `CUDA_VISIBLE_DEVICES`, which the engine inherits unless `engine.env`
+    /// sets it: NVML lists every GPU, CUDA only these.
+    #[serde(default)]
+    pub cuda_visible_devices: Option<String>,
 }
 
 /// The model file and its header summary.
@@ -184,6 +188,7 @@ pub fn snapshot(model_path: &Path, state_dir: &Path) -> Result<Snapshot, ProbeEr
         gpus,
         gpu_note,
         disk,
+        cuda_visible_devices: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
     })
 }
 
