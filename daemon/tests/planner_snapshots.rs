@@ -359,6 +359,23 @@ fn tiny_non_expert_weights_on_a_small_gpu_stay_accounted() {
     }
 }
 
+/// `snap` with two copies of its GPU (indices 0 and 1), each with `memory_share` of its
+/// memory.
+fn two_gpus(snap: &expertd::probe::Snapshot, memory_share: u64) -> expertd::probe::Snapshot {
+    let mut two = snap.clone();
+    let gpu = two.gpus[0].clone();
+    two.gpus = (0..2)
+        .map(|i| {
+            let mut g = gpu.clone();
+            g.index = i;
+            g.total_memory /= memory_share;
+            g.free_memory /= memory_share;
+            g
+        })
+        .collect();
+    two
+}
+
 /// Two GPUs of half the memory: llama.cpp splits the layers over them and each one that
 /// computes holds its own compute buffer, so the plan pays for two (it counted one, as if
 /// the GPUs were one pool of memory) and still stays within the VRAM budget.
@@ -366,17 +383,7 @@ fn tiny_non_expert_weights_on_a_small_gpu_stay_accounted() {
 fn two_gpus_hold_a_compute_buffer_each() {
     let (one_snap, config) = load("gpu80_gpt_oss_120b");
     let one = plan(&one_snap, &config);
-    let mut snap = one_snap.clone();
-    let gpu = snap.gpus[0].clone();
-    snap.gpus = (0..2)
-        .map(|i| {
-            let mut g = gpu.clone();
-            g.index = i;
-            g.total_memory /= 2;
-            g.free_memory /= 2;
-            g
-        })
-        .collect();
+    let snap = two_gpus(&one_snap, 2);
     let two = plan(&snap, &config);
     assert_properties("two GPUs", &snap, &config, &two);
     let vram = |p: &Plan| {
@@ -425,15 +432,7 @@ fn a_slot_for_every_expert_needs_no_staging_area() {
 #[test]
 fn only_the_gpus_cuda_shows_the_engine_count() {
     let (one_snap, config) = load("gpu80_gpt_oss_120b");
-    let mut two = one_snap.clone();
-    let gpu = two.gpus[0].clone();
-    two.gpus = (0..2)
-        .map(|i| {
-            let mut g = gpu.clone();
-            g.index = i;
-            g
-        })
-        .collect();
+    let two = two_gpus(&one_snap, 1);
     let vram = |p: &Plan| {
         p.memory
             .iter()

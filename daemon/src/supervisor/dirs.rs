@@ -130,6 +130,18 @@ mod tests {
         }
     }
 
+    /// What the supervisor does after file events: notes them, then (on the reload they
+    /// cause) sets the directories it wants.
+    async fn reload(
+        rx: &mut mpsc::UnboundedReceiver<notify::Event>,
+        w: &mut DirWatches,
+        wanted: &Path,
+    ) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drain(rx, w);
+        w.set(vec![wanted.to_path_buf()]);
+    }
+
     #[tokio::test]
     async fn a_directory_made_again_is_watched_again() {
         let top = tempfile::tempdir().unwrap();
@@ -147,9 +159,7 @@ mod tests {
         // Replaced under the same path: the old watch died with the old directory.
         std::fs::remove_dir_all(&models).unwrap();
         std::fs::create_dir(&models).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drain(&mut rx, &mut w);
-        w.set(vec![models.clone()]);
+        reload(&mut rx, &mut w, &models).await;
         std::fs::write(models.join("m.gguf"), b"two").unwrap();
         assert!(
             event_under(&mut rx, &models, 5.0).await,
@@ -162,18 +172,14 @@ mod tests {
         let old = top.path().join("models.old");
         std::fs::rename(&models, &old).unwrap();
         std::fs::create_dir(&models).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drain(&mut rx, &mut w);
-        w.set(vec![models.clone()]);
+        reload(&mut rx, &mut w, &models).await;
         std::fs::write(old.join("x"), b"old").unwrap();
         assert!(
             !event_under(&mut rx, &models, 0.5).await,
             "the moved-away directory still reports under the old path"
         );
         std::fs::remove_dir_all(&old).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drain(&mut rx, &mut w);
-        w.set(vec![models.clone()]);
+        reload(&mut rx, &mut w, &models).await;
         std::fs::write(models.join("m.gguf"), b"four").unwrap();
         assert!(
             event_under(&mut rx, &models, 5.0).await,
@@ -181,9 +187,7 @@ mod tests {
         );
 
         // Not wanted any more: no events from it.
-        w.set(vec![top.path().to_path_buf()]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drain(&mut rx, &mut w);
+        reload(&mut rx, &mut w, top.path()).await;
         std::fs::write(models.join("m.gguf"), b"three").unwrap();
         assert!(
             !event_under(&mut rx, &models, 0.5).await,
