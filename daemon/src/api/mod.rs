@@ -98,8 +98,18 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
                 "exists and is not a socket",
             )));
         }
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ApiError::InUse(path.to_path_buf()));
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
+            // Nobody listens: a socket a crashed daemon left.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            // Anything else (a full accept queue, no permission) does not say that nobody
+            // listens: removing it could orphan a running daemon's socket.
+            Err(e) => {
+                return Err(err(std::io::Error::new(
+                    e.kind(),
+                    format!("exists, and whether a daemon listens on it is unknown ({e})"),
+                )));
+            }
         }
         std::fs::remove_file(path).map_err(err)?;
     }
@@ -419,6 +429,22 @@ mod tests {
             .unwrap();
         assert_eq!(r.status, 200);
         server.abort();
+    }
+
+    /// A socket nobody listens on (a crashed daemon's) is replaced; one a daemon listens
+    /// on is not.
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let live = bind(&sock).await.expect("a stale socket is replaced");
+        match bind(&sock).await {
+            Err(ApiError::InUse(p)) => assert_eq!(p, sock),
+            other => panic!("a live socket was not reported in use: {other:?}"),
+        }
+        drop(live);
     }
 
     /// A directory another user could write to or own is refused for the socket and the
