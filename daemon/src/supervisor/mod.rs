@@ -434,10 +434,16 @@ impl Supervisor {
         let host = self.current.config.engine.host.clone();
         let port = self.current.config.engine.port;
         if let Err(e) = port_free(&host, port).await {
-            self.error(format!(
-                "engine address {host}:{port} is not free ({e}): another process holds it"
-            ));
-            self.status.engine.last_exit = Some("not started: port in use".into());
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                self.error(format!(
+                    "engine address {host}:{port} is not free ({e}): another process holds it"
+                ));
+                self.status.engine.last_exit = Some("not started: port in use".into());
+            } else {
+                // e.g. the daemon is out of file descriptors: not the port's fault
+                self.error(format!("cannot check engine address {host}:{port}: {e}"));
+                self.status.engine.last_exit = Some(format!("not started: {e}"));
+            }
             self.crashed();
             return;
         }
@@ -540,10 +546,17 @@ impl Supervisor {
         } else {
             Duration::from_secs(3)
         };
-        let ok = matches!(
-            crate::api::http::tcp_request(&host, port, "GET", "/health", None, timeout).await,
-            Ok(r) if r.status == 200
-        );
+        let answer =
+            crate::api::http::tcp_request(&host, port, "GET", "/health", None, timeout).await;
+        if let Err(e) = &answer
+            && out_of_descriptors(e)
+        {
+            // The daemon's own shortage says nothing about the engine: check again later.
+            tracing::warn!("engine /health not checked: {e}");
+            self.next_health = Some(Instant::now() + STARTING_POLL);
+            return;
+        }
+        let ok = matches!(answer, Ok(r) if r.status == 200);
         match state {
             EngineState::Starting if ok => {
                 let load = self.engine.as_ref().map(|c| c.started.elapsed());
@@ -789,6 +802,18 @@ fn watch_dir(file: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
+/// Whether a request failed because this process (or the system) has no file
+/// descriptor left, not because of the peer.
+fn out_of_descriptors(e: &crate::api::http::HttpError) -> bool {
+    use rustix::io::Errno;
+    match e {
+        crate::api::http::HttpError::Connect { err, .. } => [Errno::MFILE, Errno::NFILE]
+            .iter()
+            .any(|n| err.raw_os_error() == Some(n.raw_os_error())),
+        _ => false,
+    }
+}
+
 /// Runs `fut` to completion while sending `WATCHDOG=1` when due, so that a long wait of the
 /// supervisor (a reload's probe, stopping the engine) does not look like a hung daemon to
 /// systemd.
@@ -881,6 +906,23 @@ mod tests {
         // Every 50 ms for 330 ms: 6, give or take a slow scheduler (none without the
         // helper).
         assert!((3..=7).contains(&pings), "{pings} pings");
+    }
+
+    #[test]
+    fn a_health_check_without_descriptors_is_not_the_engines_failure() {
+        use crate::api::http::HttpError;
+        use rustix::io::Errno;
+        let connect = |errno: Errno| HttpError::Connect {
+            target: "127.0.0.1:8080".into(),
+            err: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+        };
+        assert!(out_of_descriptors(&connect(Errno::MFILE)));
+        assert!(out_of_descriptors(&connect(Errno::NFILE)));
+        assert!(!out_of_descriptors(&connect(Errno::CONNREFUSED)));
+        assert!(!out_of_descriptors(&HttpError::Timeout {
+            target: "127.0.0.1:8080".into(),
+            timeout: Duration::from_secs(3),
+        }));
     }
 
     #[test]
