@@ -8,36 +8,27 @@
 mod common;
 
 use common::*;
+use expert_pool::PoolConfig;
 use expert_pool::io::{Fault, IoMode};
 use expert_pool::policy::PolicyKind;
 use expert_pool::pool::Staged;
-use expert_pool::{LayerSpec, Pool, PoolConfig};
 
 const NE: u32 = 6;
 
 fn run(seed: u64, mode: IoMode, m: &TestModel) {
     let mut r = XorShift::new(seed);
     let qd = 1 + r.below(2) as u32;
-    let pool = Pool::new(PoolConfig {
-        io_mode: mode,
-        policy: PolicyKind::Lru,
-        queue_depth: qd,
-        ..Default::default()
-    })
-    .unwrap();
-    let f = pool.add_file(m.path()).unwrap();
-    for layer in 0..2 {
-        pool.add_layer(
-            &LayerSpec {
-                layer,
-                n_experts: NE,
-                n_slots: 3,
-                projs: m.specs(layer as usize, f),
-            },
-            None,
-        )
-        .unwrap();
-    }
+    let pool = m.pool(
+        PoolConfig {
+            io_mode: mode,
+            policy: PolicyKind::Lru,
+            queue_depth: qd,
+            ..Default::default()
+        },
+        [0, 1],
+        NE,
+        [3, 3],
+    );
     for step in 0..30 {
         let what = format!("seed {seed} {mode:?} qd {qd} step {step}");
         let layer = r.below(2) as i32;

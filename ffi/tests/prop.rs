@@ -15,7 +15,7 @@ use common::*;
 use expert_pool::io::IoMode;
 use expert_pool::policy::PolicyKind;
 use expert_pool::slots::SlotState;
-use expert_pool::{LayerSpec, Pool, PoolConfig, PoolError};
+use expert_pool::{PoolConfig, PoolError};
 use proptest::prelude::*;
 
 const N_EXPERTS: u32 = 12;
@@ -58,27 +58,18 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn check_sequence(policy: PolicyKind, io: IoMode, ops: &[Op]) -> Result<(), TestCaseError> {
     let m = model();
-    let pool = Pool::new(PoolConfig {
-        policy,
-        io_mode: io,
-        queue_depth: 4,
-        max_prefetch_inflight: 5,
-        ..Default::default()
-    })
-    .unwrap();
-    let f = pool.add_file(m.path()).unwrap();
-    for layer in 0..2 {
-        pool.add_layer(
-            &LayerSpec {
-                layer,
-                n_experts: N_EXPERTS,
-                n_slots: SLOTS[layer as usize],
-                projs: m.specs(layer as usize, f),
-            },
-            None,
-        )
-        .unwrap();
-    }
+    let pool = m.pool(
+        PoolConfig {
+            policy,
+            io_mode: io,
+            queue_depth: 4,
+            max_prefetch_inflight: 5,
+            ..Default::default()
+        },
+        [0, 1],
+        N_EXPERTS,
+        SLOTS,
+    );
     let mut held: [HashMap<u32, u32>; 2] = Default::default();
     let mut distinct_served = [0u64; 2];
     let mut served = [0u64; 2];

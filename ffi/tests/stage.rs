@@ -44,21 +44,7 @@ fn pool(m: &TestModel, mode: IoMode, trace: Option<std::path::PathBuf>) -> Pool 
 
 /// A pool with `cfg` and both model layers registered (engine layers 1 and 3).
 fn pool_with(m: &TestModel, cfg: PoolConfig) -> Pool {
-    let p = Pool::new(cfg).unwrap();
-    let f = p.add_file(m.path()).unwrap();
-    for layer in 0..2 {
-        p.add_layer(
-            &LayerSpec {
-                layer: layer as i32 * 2 + 1,
-                n_experts: N_EXPERTS,
-                n_slots: N_SLOTS,
-                projs: m.specs(layer, f),
-            },
-            None,
-        )
-        .unwrap();
-    }
-    p
+    m.pool(cfg, [1, 3], N_EXPERTS, [N_SLOTS; 2])
 }
 
 /// Waits until no read is in flight: every finished read is routed (released, or kept

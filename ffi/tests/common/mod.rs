@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use expert_pool::{Pool, ProjSpec};
+use expert_pool::{LayerSpec, Pool, PoolConfig, ProjSpec};
 
 /// One projection's tensor in a test model.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +118,26 @@ impl TestModel {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A pool with `cfg` and this file's two layers registered: model layer `i` as pool
+    /// layer `ids[i]`, with `n_experts` experts and `slots[i]` slots.
+    pub fn pool(&self, cfg: PoolConfig, ids: [i32; 2], n_experts: u32, slots: [u32; 2]) -> Pool {
+        let pool = Pool::new(cfg).unwrap();
+        let f = pool.add_file(self.path()).unwrap();
+        for i in 0..2 {
+            pool.add_layer(
+                &LayerSpec {
+                    layer: ids[i],
+                    n_experts,
+                    n_slots: slots[i],
+                    projs: self.specs(i, f),
+                },
+                None,
+            )
+            .unwrap();
+        }
+        pool
     }
 }
 
