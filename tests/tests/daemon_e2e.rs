@@ -207,16 +207,22 @@ fn an_invalid_config_is_reported_and_the_engine_keeps_serving() {
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
 }
 
-#[test]
-fn a_changed_model_file_is_replanned_and_restarted() {
-    let _one = serial();
-    let engine = engine_binary();
+/// A daemon serving a copy of the tiny model in a directory of its own (which the test
+/// may change): the directory, the model's path, the daemon and the engine's pid.
+fn serving_on_a_copy() -> (tempfile::TempDir, std::path::PathBuf, Daemon, u64) {
     let models = tempfile::tempdir().unwrap();
     let model = models.path().join("model.gguf");
     std::fs::copy(tiny_model(), &model).unwrap();
-    let mut d = Daemon::start(&model, &engine, "", "");
+    let mut d = Daemon::start(&model, &engine_binary(), "", "");
     let s = d.wait_serving(SERVE);
     let pid = s["engine"]["pid"].as_u64().unwrap();
+    (models, model, d, pid)
+}
+
+#[test]
+fn a_changed_model_file_is_replanned_and_restarted() {
+    let _one = serial();
+    let (models, model, mut d, pid) = serving_on_a_copy();
 
     // Replace the model the way a download does: write aside, rename over.
     let next = models.path().join("model.gguf.part");
@@ -272,13 +278,7 @@ fn a_changed_model_file_is_replanned_and_restarted() {
 #[test]
 fn a_config_naming_a_model_not_there_yet_is_applied_when_it_appears() {
     let _one = serial();
-    let engine = engine_binary();
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("model.gguf");
-    std::fs::copy(tiny_model(), &model).unwrap();
-    let mut d = Daemon::start(&model, &engine, "", "");
-    let s = d.wait_serving(SERVE);
-    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let (models, model, mut d, pid) = serving_on_a_copy();
 
     // The config names a model in a directory that does not exist yet: reported, and the
     // running engine keeps serving.
