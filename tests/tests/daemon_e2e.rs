@@ -145,10 +145,7 @@ fn an_engine_that_always_crashes_is_a_reported_crash_loop() {
 #[test]
 fn an_invalid_config_is_reported_and_the_engine_keeps_serving() {
     let _one = serial();
-    let engine = engine_binary();
-    let mut d = Daemon::start(&tiny_model(), &engine, "", "");
-    let s = d.wait_serving(SERVE);
-    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let (mut d, pid) = serving_on(&tiny_model());
     let good = std::fs::read_to_string(&d.config).unwrap();
 
     // A harmless edit (a comment): re-planned, same plan, no restart.
@@ -207,15 +204,21 @@ fn an_invalid_config_is_reported_and_the_engine_keeps_serving() {
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
 }
 
+/// A daemon with the default config serving `model`, and the engine's pid.
+fn serving_on(model: &std::path::Path) -> (Daemon, u64) {
+    let mut d = Daemon::start(model, &engine_binary(), "", "");
+    let s = d.wait_serving(SERVE);
+    let pid = s["engine"]["pid"].as_u64().unwrap();
+    (d, pid)
+}
+
 /// A daemon serving a copy of the tiny model in a directory of its own (which the test
 /// may change): the directory, the model's path, the daemon and the engine's pid.
 fn serving_on_a_copy() -> (tempfile::TempDir, std::path::PathBuf, Daemon, u64) {
     let models = tempfile::tempdir().unwrap();
     let model = models.path().join("model.gguf");
     std::fs::copy(tiny_model(), &model).unwrap();
-    let mut d = Daemon::start(&model, &engine_binary(), "", "");
-    let s = d.wait_serving(SERVE);
-    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let (d, pid) = serving_on(&model);
     (models, model, d, pid)
 }
 
@@ -316,10 +319,7 @@ fn a_config_naming_a_model_not_there_yet_is_applied_when_it_appears() {
 #[test]
 fn a_changed_socket_is_moved_to_on_reload() {
     let _one = serial();
-    let engine = engine_binary();
-    let mut d = Daemon::start(&tiny_model(), &engine, "", "");
-    let s = d.wait_serving(SERVE);
-    let pid = s["engine"]["pid"].as_u64().unwrap();
+    let (mut d, pid) = serving_on(&tiny_model());
     let old = d.socket.clone();
     let text = std::fs::read_to_string(&d.config).unwrap();
     let socket_line = |p: &std::path::Path| format!("socket = {:?}", p.display().to_string());
