@@ -273,6 +273,28 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
                           uint32_t n_used, uint32_t n_tokens, size_t ids_row_stride,
                           int32_t *out_slots);
 
+/* Like ep_pool_request, but returns as soon as the slots are assigned, with the
+ * misses' reads in flight, so that the engine computes while they come in: out_slots
+ * gets the slots ep_pool_request would give (on EP_OK only), but a slot's projection
+ * proj must not be read before ep_pool_request_wait(pool, layer, proj) (or with proj
+ * -1) has returned EP_OK. Misses are read projection by projection (every miss's
+ * projection 0 first, then 1, ...), so the engine orders its matmuls the same way.
+ * The request is the layer's started request until a wait with proj -1 ends it; any
+ * later request of the layer (ep_pool_request or ep_pool_request_start) ends it too,
+ * and its slots are then no longer held. Errors found before the reads start are
+ * returned here, as by ep_pool_request; read errors come from the waits. */
+ep_status ep_pool_request_start(ep_pool *pool, int32_t layer, const int32_t *ids,
+                                uint32_t n_used, uint32_t n_tokens,
+                                size_t ids_row_stride, int32_t *out_slots);
+
+/* Waits until projection proj (0..n_proj-1 of the layer's description; -1: every
+ * projection) of every expert of the layer's started request is in its slot. With -1
+ * and EP_OK the request has ended, every slot holds its expert, as after
+ * ep_pool_request. On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) the request
+ * failed: none of its slots may be used, and later waits on it return EP_ERR_STATE,
+ * as does a wait on a layer with no started request. */
+ep_status ep_pool_request_wait(ep_pool *pool, int32_t layer, int32_t proj);
+
 /* For a ubatch too large for the layer's slots, computed by the engine from a staging
  * area that holds the layer's experts at their original ids: hands every distinct
  * expert of ids (same layout as ep_pool_request) to stage_fn, from its slot when it is

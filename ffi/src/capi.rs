@@ -624,6 +624,65 @@ pub unsafe extern "C" fn ep_pool_request(
     ids_row_stride: usize,
     out_slots: *mut i32,
 ) -> ep_status {
+    // SAFETY: the caller's contract is request_common's.
+    unsafe {
+        request_common(
+            pool,
+            layer,
+            ids,
+            n_used,
+            n_tokens,
+            ids_row_stride,
+            out_slots,
+            true,
+        )
+    }
+}
+
+/// See `ep_pool_request_start` in the header.
+///
+/// # Safety
+/// As for `ep_pool_request`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ep_pool_request_start(
+    pool: *mut ep_pool,
+    layer: i32,
+    ids: *const i32,
+    n_used: u32,
+    n_tokens: u32,
+    ids_row_stride: usize,
+    out_slots: *mut i32,
+) -> ep_status {
+    // SAFETY: the caller's contract is request_common's.
+    unsafe {
+        request_common(
+            pool,
+            layer,
+            ids,
+            n_used,
+            n_tokens,
+            ids_row_stride,
+            out_slots,
+            false,
+        )
+    }
+}
+
+/// `ep_pool_request` (`wait`) and `ep_pool_request_start`.
+///
+/// # Safety
+/// As for `ep_pool_request`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn request_common(
+    pool: *mut ep_pool,
+    layer: i32,
+    ids: *const i32,
+    n_used: u32,
+    n_tokens: u32,
+    ids_row_stride: usize,
+    out_slots: *mut i32,
+    wait: bool,
+) -> ep_status {
     guard(|| {
         // SAFETY: per the function's contract.
         let pool = unsafe { pool_ref(pool) }?;
@@ -644,7 +703,30 @@ pub unsafe extern "C" fn ep_pool_request(
             // aliased by ids (the header: ids and out_slots must not overlap).
             unsafe { std::slice::from_raw_parts_mut(out_slots, n) }
         };
-        pool.request(layer, ids, n_used, n_tokens, stride, out)?;
+        if wait {
+            pool.request(layer, ids, n_used, n_tokens, stride, out)?;
+        } else {
+            pool.request_start(layer, ids, n_used, n_tokens, stride, out)?;
+        }
+        Ok(Status::Ok)
+    })
+}
+
+/// See `ep_pool_request_wait` in the header.
+///
+/// # Safety
+/// `pool` as for `ep_pool_add_file`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ep_pool_request_wait(
+    pool: *mut ep_pool,
+    layer: i32,
+    proj: i32,
+) -> ep_status {
+    guard(|| {
+        // SAFETY: per the function's contract.
+        let pool = unsafe { pool_ref(pool) }?;
+        let proj = usize::try_from(proj).ok(); // negative: every projection
+        pool.request_wait(layer, proj)?;
         Ok(Status::Ok)
     })
 }

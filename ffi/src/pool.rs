@@ -237,6 +237,63 @@ struct Layer {
     ahead_inflight: Vec<u32>,
     /// Finished read-ahead reads not yet handed over: (expert, projection, read, result).
     ahead_done: Vec<(u32, usize, usize, Result<()>)>,
+    /// By slot: the projections of the slot's latest fill already handed to the sink
+    /// (bit `p` for projection `p`).
+    proj_done: Vec<u32>,
+    /// The request begun by [`Pool::request_start`] that no wait for every projection
+    /// has ended yet.
+    started: Started,
+}
+
+/// A layer's request begun by [`Pool::request_start`].
+#[derive(Debug, Default)]
+struct Started {
+    state: StartedState,
+    /// Its distinct experts: (expert, slot, the slot's generation when it began).
+    experts: Vec<(u32, u32, u32)>,
+    /// What it adds to the counters once served.
+    served: Served,
+    /// Its fills whose reads of projections `next_proj..` have not started (see
+    /// `Inner::start_fills`); empty when every read started.
+    held_back: Vec<usize>,
+    next_proj: usize,
+}
+
+/// A served request's share of the counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct Served {
+    hits: u64,
+    inflight_hits: u64,
+    misses: u64,
+    ahead_fills: u64,
+}
+
+impl Served {
+    fn count(self, c: &mut Counters) {
+        c.requests += 1;
+        c.hits += self.hits;
+        c.inflight_hits += self.inflight_hits;
+        c.misses += self.misses;
+        c.ahead_fills += self.ahead_fills;
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum StartedState {
+    /// None, or the last one ended.
+    #[default]
+    None,
+    /// Its slots are handed out; some fills may still be in flight.
+    Live,
+    /// A wait found one of its fills failed: its slots must not be used.
+    Failed,
+}
+
+/// What [`Inner::started_progress`] found.
+enum Progress {
+    Done,
+    Busy,
+    Failed,
 }
 
 /// No fill (in [`Layer::ahead_fill`]).
@@ -286,6 +343,10 @@ struct Inner {
     ahead_layer: Option<usize>,
     /// Routing trace being recorded, if configured.
     trace: Option<crate::trace::Recorder>,
+    /// Scratch of [`Inner::request_planned`]: the misses read from the file.
+    fresh_fills: Vec<FillOrder>,
+    /// Scratch of [`Inner::start_fills`].
+    fill_ids: Vec<usize>,
 }
 
 /// The expert pool. See the module documentation.
@@ -334,6 +395,8 @@ impl Pool {
             stage_call: None,
             stage_calls: 0,
             ahead_layer: None,
+            fresh_fills: Vec::new(),
+            fill_ids: Vec::new(),
             trace: cfg.trace_path.map(crate::trace::Recorder::new),
         };
         if let Some(why) = inner.io.uring_refused.clone() {
@@ -399,7 +462,40 @@ impl Pool {
         out: &mut [i32],
     ) -> Result<()> {
         let mut g = self.lock()?;
-        g.request(layer, ids, n_used, n_tokens, row_stride, out)
+        g.request(layer, ids, n_used, n_tokens, row_stride, out, true)
+    }
+
+    /// Like [`Pool::request`], but returns once the slots are assigned, with the misses'
+    /// reads in flight, so that the engine can compute while they come in. `out` gets
+    /// the same slots [`Pool::request`] would give. A slot's projection `p` must not be
+    /// read before [`Pool::request_wait`] with `Some(p)` (or `None`) has returned Ok;
+    /// `request_wait(layer, None)` waits for every projection and ends the request.
+    /// Any later request of the layer ends it too (its slots are then no longer held).
+    /// Misses are read projection by projection (every miss's projection 0 first), so
+    /// that the engine's first matmul can start while the others' reads are in flight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_start(
+        &self,
+        layer: i32,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let mut g = self.lock()?;
+        g.request(layer, ids, n_used, n_tokens, row_stride, out, false)
+    }
+
+    /// Waits until projection `proj` (every projection with `None`) of every expert of
+    /// the layer's started request ([`Pool::request_start`]) is in its slot. With
+    /// `None` and Ok, the request has ended: every one of its experts is resident, as
+    /// after [`Pool::request`]. An error (a fill failed, the file changed) fails the
+    /// request: its slots must not be used, and later waits on it fail too. Waiting with
+    /// no started request is an error.
+    pub fn request_wait(&self, layer: i32, proj: Option<usize>) -> Result<()> {
+        let mut g = self.lock()?;
+        g.request_wait(layer, proj)
     }
 
     /// Hands every distinct expert of `ids` (same layout as [`Pool::request`]) to
@@ -718,6 +814,8 @@ impl Inner {
             ahead_inflight: vec![0; spec.n_experts as usize],
             ahead_done: Vec::new(),
             ahead_fill: vec![NO_FILL; spec.n_experts as usize],
+            proj_done: vec![0; spec.n_slots as usize],
+            started: Started::default(),
         });
         let li = spec.layer as usize;
         if self.layer_index.len() <= li {
@@ -727,6 +825,8 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Pool::request`] (`wait`) or [`Pool::request_start`] (not `wait`).
+    #[allow(clippy::too_many_arguments)]
     fn request(
         &mut self,
         layer: i32,
@@ -735,8 +835,13 @@ impl Inner {
         n_tokens: usize,
         row_stride: usize,
         out: &mut [i32],
+        wait: bool,
     ) -> Result<()> {
         let li = self.index_of(layer)?;
+        // Any request ends the layer's started one (its slots are no longer held); the
+        // reads it held back start, so that its fills end.
+        self.flush_waves(li)?;
+        self.layers[li].started.state = StartedState::None;
         if out.len() < n_used * n_tokens {
             return Err(PoolError::invalid(
                 "output buffer shorter than n_used * n_tokens",
@@ -746,7 +851,7 @@ impl Inner {
             self.poll_nowait()?;
         }
         let mut plan = std::mem::take(&mut self.plan);
-        let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan);
+        let res = self.request_planned(li, ids, n_used, n_tokens, row_stride, out, &mut plan, wait);
         // A request that does not fit changed nothing: the engine stages that ubatch
         // instead, and the stage call takes the announced experts.
         let fits = !matches!(res, Err(PoolError::DoesNotFit { .. }));
@@ -763,13 +868,19 @@ impl Inner {
         match &res {
             Ok(ahead_fills) => {
                 // Counted for served requests only, so that they add up to the distinct
-                // experts those requests asked for.
-                let c = &mut l.counters;
-                c.requests += 1;
-                c.hits += u64::from(plan.hits);
-                c.inflight_hits += plan.waits.len() as u64;
-                c.misses += plan.fills.len() as u64;
-                c.ahead_fills += *ahead_fills;
+                // experts those requests asked for: a started one when its last wait
+                // returns.
+                let served = Served {
+                    hits: u64::from(plan.hits),
+                    inflight_hits: plan.waits.len() as u64,
+                    misses: plan.fills.len() as u64,
+                    ahead_fills: *ahead_fills,
+                };
+                if wait {
+                    served.count(&mut l.counters);
+                } else {
+                    l.started.served = served;
+                }
             }
             Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
             Err(_) => l.counters.errors += 1,
@@ -795,6 +906,7 @@ impl Inner {
         row_stride: usize,
         out: &mut [i32],
         plan: &mut RequestPlan,
+        wait: bool,
     ) -> Result<u64> {
         let l = &mut self.layers[li];
         l.map
@@ -811,10 +923,13 @@ impl Inner {
             }
         }
         if plan.fills.is_empty() && plan.waits.is_empty() {
-            return self.layers[li]
+            self.layers[li]
                 .map
-                .finish(ids, n_used, n_tokens, row_stride, out)
-                .map(|()| 0);
+                .finish(ids, n_used, n_tokens, row_stride, out)?;
+            if !wait {
+                self.mark_started(li, plan);
+            }
+            return Ok(0);
         }
         let t0 = Instant::now();
         self.last_fill_error = None;
@@ -828,16 +943,30 @@ impl Inner {
                 }
                 early_error = Some(e);
             } else {
+                let mut fresh = std::mem::take(&mut self.fresh_fills);
+                fresh.clear();
                 for &f in &plan.fills {
                     if self.layers[li].ahead_mark[f.expert as usize] {
                         self.take_ahead(li, f);
                         ahead_fills += 1;
                     } else {
-                        self.start_fill(li, f, false);
+                        fresh.push(f);
                     }
                 }
+                self.start_fills(li, &fresh, !wait);
+                self.fresh_fills = fresh;
                 self.io.submit()?;
             }
+        }
+        if !wait {
+            if let Some(e) = early_error {
+                return Err(e);
+            }
+            self.layers[li]
+                .map
+                .assigned(ids, n_used, n_tokens, row_stride, out)?;
+            self.mark_started(li, plan);
+            return Ok(ahead_fills);
         }
         // Wait until no needed slot is still being filled.
         let wait_result = loop {
@@ -926,10 +1055,231 @@ impl Inner {
             error: None,
             prefetch,
         });
+        self.layers[li].proj_done[order.slot as usize] = 0;
         if prefetch {
             self.prefetch_inflight += 1;
         }
         fid
+    }
+
+    /// Starts the reads of a request's misses (queued; the caller submits). With `waves`
+    /// (a started request), only every miss's projection 0 is read now, the other
+    /// projections one at a time as the engine waits for them (`submit_wave`): this VM's
+    /// disk completes the reads it is given together, so projection 0 read alone comes
+    /// in in about a third of the time, and each later projection's reads come in
+    /// while the engine computes with the earlier ones. A fill counts its held-back reads
+    /// in `remaining`, so it cannot end before they are read.
+    fn start_fills(&mut self, li: usize, orders: &[FillOrder], waves: bool) {
+        let n_projs = self.layers[li].projs.len();
+        let mut fids = std::mem::take(&mut self.fill_ids);
+        fids.clear();
+        for &order in orders {
+            let fid = self.new_fill(li, order, false);
+            self.fills[fid]
+                .as_mut()
+                .expect("fill just stored")
+                .remaining = n_projs as u32;
+            fids.push(fid);
+        }
+        let first_held = if waves { 1.min(n_projs) } else { n_projs };
+        for p in 0..first_held {
+            self.start_proj_reads(li, &fids, p);
+        }
+        let l = &mut self.layers[li];
+        if first_held < n_projs {
+            l.started.held_back.clear();
+            l.started.held_back.extend_from_slice(&fids);
+            l.started.next_proj = first_held;
+        }
+        self.fill_ids = fids;
+    }
+
+    /// Starts the read of projection `p` of every fill of `fids` (queued; the caller
+    /// submits); a fill that already failed skips it. Ends fills left with no read.
+    fn start_proj_reads(&mut self, li: usize, fids: &[usize], p: usize) {
+        for &fid in fids {
+            let fill = self.fills[fid]
+                .as_ref()
+                .expect("a fill with reads to start");
+            let res = if fill.error.is_some() {
+                None // a read of it failed or could not start: it fails, read no more
+            } else {
+                let proj = &self.layers[li].projs[p];
+                let off = proj.offset + u64::from(fill.order.expert) * proj.stride;
+                Some(self.io.start_read(
+                    &self.files[proj.file],
+                    off,
+                    proj.bytes,
+                    ((fid as u64) << 8) | p as u64,
+                ))
+            };
+            let fill = self.fills[fid].as_mut().expect("fill");
+            match res {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    fill.error = Some(e);
+                    fill.remaining -= 1;
+                }
+                None => fill.remaining -= 1,
+            }
+            if fill.remaining == 0 {
+                self.end_fill(fid);
+            }
+        }
+    }
+
+    /// Starts (and submits) the reads of the next held-back projection of the layer's
+    /// started request. Returns false when none is held back.
+    fn submit_wave(&mut self, li: usize) -> Result<bool> {
+        let st = &mut self.layers[li].started;
+        if st.held_back.is_empty() {
+            return Ok(false);
+        }
+        let p = st.next_proj;
+        let fids = std::mem::take(&mut st.held_back);
+        self.start_proj_reads(li, &fids, p);
+        let l = &mut self.layers[li];
+        l.started.next_proj += 1;
+        l.started.held_back = fids;
+        if l.started.next_proj >= l.projs.len() {
+            l.started.held_back.clear(); // every read started
+        }
+        self.io.submit()?;
+        Ok(true)
+    }
+
+    /// Starts every read the layer's started request still holds back.
+    fn flush_waves(&mut self, li: usize) -> Result<()> {
+        while self.submit_wave(li)? {}
+        Ok(())
+    }
+
+    /// Records the request just planned (and served or started) as the layer's started
+    /// request.
+    fn mark_started(&mut self, li: usize, plan: &RequestPlan) {
+        let l = &mut self.layers[li];
+        l.started.experts.clear();
+        for &e in &plan.distinct {
+            let s = l
+                .map
+                .slot_of(e)
+                .expect("a planned request's experts have slots");
+            l.started.experts.push((e, s, l.map.generation(s)));
+        }
+        l.started.state = StartedState::Live;
+    }
+
+    /// Where the layer's started request stands for the projections in `mask`.
+    fn started_progress(&self, li: usize, mask: u32) -> Progress {
+        let l = &self.layers[li];
+        let mut busy = false;
+        for &(e, s, g) in &l.started.experts {
+            if l.map.expert_in(s) != Some(e) || l.map.generation(s) != g {
+                return Progress::Failed; // its fill failed, or the slots were cleared
+            }
+            match l.map.state(s) {
+                SlotState::Ready => {}
+                SlotState::Filling => {
+                    if l.proj_done[s as usize] & mask != mask {
+                        busy = true;
+                    }
+                }
+                SlotState::Empty => return Progress::Failed,
+            }
+        }
+        if busy { Progress::Busy } else { Progress::Done }
+    }
+
+    fn request_wait(&mut self, layer: i32, proj: Option<usize>) -> Result<()> {
+        let li = self.index_of(layer)?;
+        let n_projs = self.layers[li].projs.len();
+        let mask = match proj {
+            Some(p) if p < n_projs => 1u32 << p,
+            Some(p) => {
+                return Err(PoolError::invalid(format!(
+                    "projection {p} out of range 0..{n_projs}"
+                )));
+            }
+            None => u32::MAX, // never all set: waits for the fills to complete
+        };
+        match self.layers[li].started.state {
+            StartedState::Live => {}
+            StartedState::None => {
+                return Err(PoolError::State(format!(
+                    "layer {layer} has no started request to wait for"
+                )));
+            }
+            StartedState::Failed => {
+                return Err(PoolError::State(format!(
+                    "layer {layer}'s started request failed"
+                )));
+            }
+        }
+        // The projections waited for are read (they may have been held back).
+        let res = loop {
+            let st = &self.layers[li].started;
+            if st.held_back.is_empty() || proj.is_some_and(|p| p < st.next_proj) {
+                break Ok(());
+            }
+            if let Err(e) = self.submit_wave(li) {
+                break Err(e);
+            }
+        };
+        let t0 = Instant::now();
+        let res = res.and_then(|()| {
+            loop {
+                self.process_finished();
+                match self.started_progress(li, mask) {
+                    Progress::Done => break Ok(()),
+                    Progress::Failed => {
+                        break Err(self.last_fill_error.take().unwrap_or_else(|| {
+                            PoolError::State(
+                                "an expert of the request is not resident after its fill".into(),
+                            )
+                        }));
+                    }
+                    Progress::Busy => {}
+                }
+                if self.io.pending() == 0 {
+                    // A fill that failed still holds reads back: start them, so it ends.
+                    match self.submit_wave(li) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => break Err(e),
+                    }
+                    break Err(PoolError::Internal(
+                        "a needed slot is filling but no read is in flight".into(),
+                    ));
+                }
+                if let Err(e) = self.io.reap(true) {
+                    break Err(e);
+                }
+            }
+        });
+        self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
+        let res = match res {
+            // The next projection's reads come in while the engine computes this one.
+            Ok(()) if proj.is_some() => self.submit_wave(li).map(|_| ()),
+            Err(e) => {
+                // Nothing of the request is used now; its fills must still end.
+                let _ = self.flush_waves(li);
+                Err(e)
+            }
+            ok => ok,
+        };
+        let l = &mut self.layers[li];
+        match &res {
+            Ok(()) if proj.is_none() => {
+                l.started.state = StartedState::None;
+                l.started.served.count(&mut l.counters);
+            }
+            Ok(()) => {}
+            Err(_) => {
+                l.started.state = StartedState::Failed;
+                l.counters.errors += 1;
+            }
+        }
+        res
     }
 
     /// Starts the reads of one fill (queued; the caller submits).
@@ -996,12 +1346,16 @@ impl Inner {
                 let l = &mut self.layers[fill.layer];
                 let current = l.map.generation(order.slot) == order.generation
                     && l.map.state(order.slot) == SlotState::Filling;
-                if current && fill.error.is_none() && (whole || !l.sink.partial()) {
-                    let data = self.io.data(op);
-                    let (sink, id) = (&mut l.sink, l.id);
-                    let t0 = Instant::now();
-                    in_callback(|| sink.write(id, proj, order.slot, 0, data));
-                    l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
+                if current && fill.error.is_none() {
+                    if whole || !l.sink.partial() {
+                        let data = self.io.data(op);
+                        let (sink, id) = (&mut l.sink, l.id);
+                        let t0 = Instant::now();
+                        in_callback(|| sink.write(id, proj, order.slot, 0, data));
+                        l.counters.copy_ns += t0.elapsed().as_nanos() as u64;
+                    }
+                    // (a partial sink got every chunk as it arrived)
+                    l.proj_done[order.slot as usize] |= 1 << proj;
                 }
             }
             Err(e) => {

@@ -341,6 +341,33 @@ impl SlotMap {
         row_stride: usize,
         out: &mut [i32],
     ) -> Result<()> {
+        self.hand_out(ids, n_used, n_tokens, row_stride, out, true)
+    }
+
+    /// Like [`SlotMap::finish`], but right after [`SlotMap::plan_request`], with the
+    /// request's fills still in flight: every needed expert has a slot, ready or being
+    /// filled. The caller must not read a slot until its fill has completed (the pool's
+    /// [`request_start`](crate::pool::Pool::request_start) and `request_wait`).
+    pub fn assigned(
+        &mut self,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        self.hand_out(ids, n_used, n_tokens, row_stride, out, false)
+    }
+
+    fn hand_out(
+        &mut self,
+        ids: &[i32],
+        n_used: usize,
+        n_tokens: usize,
+        row_stride: usize,
+        out: &mut [i32],
+        ready_only: bool,
+    ) -> Result<()> {
         if out.len() < n_used * n_tokens {
             return Err(PoolError::invalid(
                 "output buffer shorter than n_used * n_tokens",
@@ -350,7 +377,13 @@ impl SlotMap {
         for t in 0..n_tokens {
             for &e in &ids[t * row_stride..t * row_stride + n_used] {
                 let s = self.expert_slot[e as usize];
-                if s == NONE || self.state[s as usize] != SlotState::Ready {
+                let servable = s != NONE
+                    && match self.state[s as usize] {
+                        SlotState::Ready => true,
+                        SlotState::Filling => !ready_only,
+                        SlotState::Empty => false,
+                    };
+                if !servable {
                     return Err(PoolError::State(format!(
                         "expert {e} is not resident after its fill"
                     )));

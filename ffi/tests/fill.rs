@@ -417,3 +417,98 @@ fn a_failed_request_writes_nothing_and_counts_no_hits() {
         );
     }
 }
+
+/// A started request (`request_start`) hands out the slots a plain request would, and
+/// each projection's bytes are in every slot once its wait returns, in every I/O mode,
+/// through a ring too small for the batch and with short reads and EINTR on the way.
+#[test]
+fn a_started_request_serves_each_projection_after_its_wait() {
+    for mode in [IoMode::Auto, IoMode::UringBuffered, IoMode::Pread] {
+        let (pool, m) = layer0_pool(mode);
+        let (plain, _m2) = layer0_pool(mode);
+        pool.inject_faults(&[Fault::Errno(libc::EINTR), Fault::Short(100)])
+            .unwrap();
+        for round in 0..4u32 {
+            let ids: Vec<i32> = (0..5)
+                .map(|j| ((j * 3 + round * 2) % N_EXPERTS) as i32)
+                .collect();
+            let (mut out, mut want) = ([-1i32; 5], [-2i32; 5]);
+            pool.request_start(0, &ids, 5, 1, 5, &mut out).unwrap();
+            plain.request(0, &ids, 5, 1, 5, &mut want).unwrap();
+            assert_eq!(
+                out, want,
+                "{mode:?} round {round}: the same slots as a request"
+            );
+            for p in 0..3 {
+                pool.request_wait(0, Some(p)).unwrap();
+                for (&e, &s) in ids.iter().zip(&out) {
+                    let got = pool.slot_bytes(0, p, s as u32).unwrap().unwrap();
+                    assert!(
+                        got == m.expert(0, p, e as u32),
+                        "{mode:?} round {round}: projection {p} of expert {e} differs after its wait"
+                    );
+                }
+            }
+            pool.request_wait(0, None).unwrap();
+            let experts: Vec<u32> = ids.iter().map(|&e| e as u32).collect();
+            assert_slots_hold(&pool, 0, &m, 0, &out, &experts, &format!("{mode:?}"));
+            // Ended: waiting again is a usage error.
+            let err = pool.request_wait(0, Some(0)).unwrap_err();
+            assert!(matches!(err, PoolError::State(_)), "{err}");
+        }
+        // Counted like the plain requests, once each request ended.
+        let (a, b) = (
+            pool.counters(Some(0)).unwrap(),
+            plain.counters(Some(0)).unwrap(),
+        );
+        assert_eq!(
+            (a.requests, a.hits, a.misses, a.bytes_read, a.errors),
+            (b.requests, b.hits, b.misses, b.bytes_read, b.errors),
+            "{mode:?}"
+        );
+    }
+}
+
+/// A read error of a started request fails its waits (the one that finds it with the
+/// reason, later ones as a usage error), counts one error and no served request, and
+/// the next request reads the expert again and serves the file's bytes.
+#[test]
+fn a_started_request_whose_read_fails_fails_its_waits() {
+    for mode in [IoMode::Auto, IoMode::Pread] {
+        let (pool, m) = layer0_pool(mode);
+        let mut out = [-7i32; 2];
+        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+        pool.request_start(0, &[5, 6], 2, 1, 2, &mut out).unwrap();
+        let err = pool.request_wait(0, None).unwrap_err();
+        assert!(
+            err.to_string().contains("Input/output error"),
+            "{mode:?}: {err}"
+        );
+        let err = pool.request_wait(0, Some(1)).unwrap_err();
+        assert!(matches!(err, PoolError::State(_)), "{mode:?}: {err}");
+        let c = pool.counters(Some(0)).unwrap();
+        assert_eq!((c.requests, c.errors, c.misses), (0, 1, 0), "{mode:?}");
+        pool.request(0, &[5, 6], 2, 1, 2, &mut out).unwrap();
+        assert_slots_hold(&pool, 0, &m, 0, &out, &[5, 6], &format!("{mode:?}"));
+    }
+}
+
+/// Waiting with no started request, or for a projection the layer does not have, is an
+/// error; a plain request ends a started one.
+#[test]
+fn waits_need_a_started_request_and_a_real_projection() {
+    let (pool, _m) = layer0_pool(IoMode::Auto);
+    let err = pool.request_wait(0, None).unwrap_err();
+    assert!(matches!(err, PoolError::State(_)), "{err}");
+    let mut out = [0i32; 2];
+    pool.request_start(0, &[1, 2], 2, 1, 2, &mut out).unwrap();
+    let err = pool.request_wait(0, Some(3)).unwrap_err();
+    assert!(matches!(err, PoolError::InvalidArgument(_)), "{err}");
+    assert!(
+        pool.request_wait(1, None).is_err(),
+        "layer 1 is not registered"
+    );
+    pool.request(0, &[3, 4], 2, 1, 2, &mut out).unwrap();
+    let err = pool.request_wait(0, None).unwrap_err();
+    assert!(matches!(err, PoolError::State(_)), "{err}");
+}

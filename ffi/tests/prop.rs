@@ -1,6 +1,8 @@
 //! Property tests of the pool's invariants over random sequences of requests,
 //! prefetches and polls, for every policy and both I/O engines:
-//! - every returned slot holds its expert's file bytes (resident before return);
+//! - every returned slot holds its expert's file bytes (resident before return; for a
+//!   started request, each projection once its wait returned, whatever prefetches and
+//!   polls come in between);
 //! - the slots of one token are distinct;
 //! - a prefetch never evicts an expert held by the layer's latest request;
 //! - metrics add up (hits + inflight_hits + misses = distinct experts requested, bytes
@@ -36,8 +38,18 @@ fn model() -> &'static TestModel {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Request { layer: i32, tokens: Vec<Vec<i32>> },
-    Prefetch { layer: i32, experts: Vec<i32> },
+    /// `start`: through `request_start`, then `between` is prefetched on the same layer
+    /// before the waits (projection 0, 1, then all).
+    Request {
+        layer: i32,
+        tokens: Vec<Vec<i32>>,
+        start: bool,
+        between: Vec<i32>,
+    },
+    Prefetch {
+        layer: i32,
+        experts: Vec<i32>,
+    },
     Poll,
 }
 
@@ -48,7 +60,12 @@ fn token(k: usize) -> impl Strategy<Value = Vec<i32>> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..2i32, 1..=3usize, 1..=3usize).prop_flat_map(|(layer, k, n)| {
-            proptest::collection::vec(token(k), n).prop_map(move |tokens| Op::Request { layer, tokens })
+            (
+                proptest::collection::vec(token(k), n),
+                any::<bool>(),
+                proptest::collection::vec(0..N_EXPERTS as i32, 0..4),
+            )
+                .prop_map(move |(tokens, start, between)| Op::Request { layer, tokens, start, between })
         }),
         3 => (0..2i32, proptest::collection::vec(0..N_EXPERTS as i32, 0..6))
             .prop_map(|(layer, experts)| Op::Prefetch { layer, experts }),
@@ -76,7 +93,12 @@ fn check_sequence(policy: PolicyKind, io: IoMode, ops: &[Op]) -> Result<(), Test
     let mut not_fit = [0u64; 2];
     for op in ops {
         match op {
-            Op::Request { layer, tokens } => {
+            Op::Request {
+                layer,
+                tokens,
+                start,
+                between,
+            } => {
                 let li = *layer as usize;
                 let k = tokens[0].len();
                 let ids: Vec<i32> = tokens.concat();
@@ -84,7 +106,26 @@ fn check_sequence(policy: PolicyKind, io: IoMode, ops: &[Op]) -> Result<(), Test
                 distinct.sort_unstable();
                 distinct.dedup();
                 let mut out = vec![-1; ids.len()];
-                match pool.request(*layer, &ids, k, tokens.len(), k, &mut out) {
+                let res = if *start {
+                    pool.request_start(*layer, &ids, k, tokens.len(), k, &mut out)
+                        .and_then(|()| {
+                            pool.prefetch(*layer, between)?;
+                            for p in 0..2 {
+                                pool.request_wait(*layer, Some(p))?;
+                                for (&e, &s) in ids.iter().zip(&out) {
+                                    let got = pool.slot_bytes(*layer, p, s as u32)?.unwrap();
+                                    assert!(
+                                        got == m.expert(li, p, e as u32),
+                                        "projection {p} of expert {e} differs after its wait"
+                                    );
+                                }
+                            }
+                            pool.request_wait(*layer, None)
+                        })
+                } else {
+                    pool.request(*layer, &ids, k, tokens.len(), k, &mut out)
+                };
+                match res {
                     Ok(()) => {
                         prop_assert!(distinct.len() <= SLOTS[li] as usize);
                         served[li] += 1;

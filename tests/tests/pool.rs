@@ -55,8 +55,16 @@ fn assert_same(stock: &Greedy, other: &Greedy, what: &str) {
 
 /// Stock, patched with the pool off, and the pool at each slot count give bit-identical
 /// greedy output and full log-probability vectors (n_probs = the vocabulary). The slot
-/// counts in `prefetch_at` run once more with prefetch (decode read-ahead) on.
-fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: &[u32]) {
+/// counts in `prefetch_at` run once more with prefetch (decode read-ahead) on, those in
+/// `wait_all_at` once more with EXPERTD_POOL_OVERLAP=off (a request waits for all its
+/// reads before any matmul, instead of each matmul waiting for its projection's).
+fn check_exact(
+    preset: Preset,
+    experts: ExpertType,
+    slots: &[u32],
+    prefetch_at: &[u32],
+    wait_all_at: &[u32],
+) {
     let dir = tempfile::tempdir().unwrap();
     let (path, config) = model(dir.path(), preset, experts, 5);
     let n_probs = config.vocab as usize;
@@ -68,10 +76,13 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
     assert_same(&stock, &off, "pool off");
     let runs = slots
         .iter()
-        .map(|&n| (n, false))
-        .chain(prefetch_at.iter().map(|&n| (n, true)));
-    for (n, prefetch) in runs {
-        let stats = dir.path().join(format!("stats-{n}-{prefetch}.json"));
+        .map(|&n| (n, false, true))
+        .chain(prefetch_at.iter().map(|&n| (n, true, true)))
+        .chain(wait_all_at.iter().map(|&n| (n, false, false)));
+    for (n, prefetch, overlap) in runs {
+        let stats = dir
+            .path()
+            .join(format!("stats-{n}-{prefetch}-{overlap}.json"));
         let args = [
             "--expert-pool-slots",
             &n.to_string(),
@@ -80,10 +91,16 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
             "--expert-pool-prefetch",
             if prefetch { "on" } else { "off" },
         ];
-        let server = Server::start(
+        let env: &[(&str, &str)] = if overlap {
+            &[]
+        } else {
+            &[("EXPERTD_POOL_OVERLAP", "off")]
+        };
+        let server = Server::start_with_env(
             &engine_binary(Flavor::Patched, "llama-server"),
             &path,
             &args,
+            env,
         )
         .unwrap();
         let pooled = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
@@ -92,7 +109,7 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
             &stock,
             &pooled,
             &format!(
-                "{} {experts:?}, {n} slots, prefetch {prefetch}",
+                "{} {experts:?}, {n} slots, prefetch {prefetch}, overlap {overlap}",
                 preset.name()
             ),
         );
@@ -133,18 +150,30 @@ fn check_exact(preset: Preset, experts: ExpertType, slots: &[u32], prefetch_at: 
 
 #[test]
 fn pool_is_bit_exact_on_tiny_q4_k() {
-    check_exact(Preset::Tiny, ExpertType::Q4K, &[4, 8, 16, 32], &[4, 8]);
+    check_exact(
+        Preset::Tiny,
+        ExpertType::Q4K,
+        &[4, 8, 16, 32],
+        &[4, 8],
+        &[4],
+    );
 }
 
 #[test]
 fn pool_is_bit_exact_on_tiny_q8_0() {
     // Q8_0 experts are not repacked on x86: slots are plain memory the pool writes itself.
-    check_exact(Preset::Tiny, ExpertType::Q8_0, &[4, 32], &[4]);
+    check_exact(Preset::Tiny, ExpertType::Q8_0, &[4, 32], &[4], &[4]);
 }
 
 #[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
-    check_exact(Preset::Mid, ExpertType::Q4K, &[8, 16, 32, 64], &[8, 16]);
+    check_exact(
+        Preset::Mid,
+        ExpertType::Q4K,
+        &[8, 16, 32, 64],
+        &[8, 16],
+        &[8],
+    );
 }
 
 #[test]

@@ -192,7 +192,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             1 | 2 => {
-                // A request with arbitrary shape and ids.
+                // A request with arbitrary shape and ids; with op 2 a started request,
+                // waited for projection by projection.
+                let started = op % 8 == 2;
                 let (Some(l), Some(k), Some(n), Some(pad)) =
                     (inp.u8(), inp.u8(), inp.u8(), inp.u8())
                 else {
@@ -216,9 +218,14 @@ fuzz_target!(|data: &[u8]| {
                     *id = i32::from(inp.u8().unwrap_or(0) % 48) - 2;
                 }
                 let mut out = vec![-1i32; n_used * n_tokens];
+                let request = if started {
+                    ep_pool_request_start
+                } else {
+                    ep_pool_request
+                };
                 // SAFETY: ids and out match the declared shape.
-                let st = unsafe {
-                    ep_pool_request(
+                let mut st = unsafe {
+                    request(
                         pool,
                         layer,
                         if ids.is_empty() {
@@ -237,6 +244,20 @@ fuzz_target!(|data: &[u8]| {
                     )
                 };
                 assert!(known(st), "status {st}");
+                if started && st == EP_OK {
+                    let n_proj = layers
+                        .iter()
+                        .find(|x| x.id == layer)
+                        .map_or(0, |x| x.projs.len() as i32);
+                    for p in (0..n_proj).chain([-1]) {
+                        // SAFETY: valid pool.
+                        st = unsafe { ep_pool_request_wait(pool, layer, p) };
+                        assert!(known(st), "status {st}");
+                        if st != EP_OK {
+                            break;
+                        }
+                    }
+                }
                 if st < 0 {
                     // SAFETY: never NULL.
                     let msg = unsafe { CStr::from_ptr(ep_last_error()) };

@@ -191,6 +191,20 @@ int main(int argc, char **argv) {
     CHECK(ep_pool_request(pool, 0, bad, 1, 1, 4, slots) == EP_ERR_INVALID_ARGUMENT, "bad id");
     CHECK(ep_pool_request(NULL, 0, bad, 1, 1, 4, slots) == EP_ERR_INVALID_ARGUMENT, "NULL pool");
 
+    /* A started request: slots at once, each projection's bytes once its wait returns. */
+    int32_t later[2] = {4, 6};
+    CHECK(ep_pool_request_start(pool, 2, later, 2, 1, 8, slots) == EP_OK, "request_start");
+    for (int p = 0; p < n_proj; p++) {
+        CHECK(ep_pool_request_wait(pool, 2, p) == EP_OK, "wait proj %d", p);
+        for (int j = 0; j < 2; j++) {
+            const unsigned char *got = eng[p] + (size_t)slots[j] * proj2[p].dst_slot_stride;
+            CHECK(expert_matches(got, p, later[j]), "started expert %d proj %d bytes", later[j], p);
+        }
+    }
+    CHECK(ep_pool_request_wait(pool, 2, -1) == EP_OK, "wait all");
+    CHECK(ep_pool_request_wait(pool, 2, -1) == EP_ERR_STATE, "the request has ended");
+    CHECK(ep_pool_request_wait(pool, 2, n_proj) == EP_ERR_INVALID_ARGUMENT || n_proj == 0, "no such projection");
+
     /* Stage read-ahead: announced experts are read now; bad ids and NULL are refused. */
     int32_t ahead[2] = {7, 8};
     uint32_t n_ahead = 99;
