@@ -377,8 +377,16 @@ impl Client {
     ) -> Result<Vec<u8>, OllamaError> {
         let body = body.map(|b| b.to_string().into_bytes());
         let path = format!("{}{}", self.base, endpoint);
-        let resp =
-            http::tcp_request(&self.host, self.port, method, &path, body, API_TIMEOUT).await?;
+        let resp = http::tcp_request(
+            &self.host,
+            self.port,
+            method,
+            &path,
+            body,
+            None,
+            API_TIMEOUT,
+        )
+        .await?;
         if resp.status != 200 {
             let msg = serde_json::from_slice::<serde_json::Value>(&resp.body)
                 .ok()

@@ -193,6 +193,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    /// Sent as a bearer token with [`Daemon::complete`] (an engine with `--api-key`).
+    pub api_key: Option<String>,
     child: Option<Child>,
 }
 
@@ -239,6 +241,7 @@ impl Daemon {
             socket,
             port,
             log,
+            api_key: None,
             child: Some(child),
         }
     }
@@ -331,6 +334,7 @@ impl Daemon {
             "POST",
             "/completion",
             Some(body),
+            self.api_key.as_deref(),
             Duration::from_secs(60),
         )
         .map_err(|e| e.to_string())?;

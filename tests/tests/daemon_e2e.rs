@@ -101,6 +101,35 @@ fn serves_survives_kill9_and_stops_cleanly_on_sigterm() {
     );
 }
 
+/// An engine started with an API key answers /metrics only with it: the daemon sends
+/// the key, so the decode speed still reaches the status.
+#[test]
+fn decode_speed_is_read_from_an_engine_with_an_api_key() {
+    let _one = serial();
+    let mut d = Daemon::start(
+        &tiny_model(),
+        &engine_binary(),
+        "extra_args = [\"--api-key\", \"sesame\"]",
+        "",
+    );
+    d.wait_serving(SERVE);
+    let refused = d.complete("Hello", 4).unwrap_err();
+    assert!(refused.contains("401"), "the key is enforced: {refused}");
+    d.api_key = Some("sesame".into());
+    d.complete("Hello", 4).expect("a completion with the key");
+    let s = d.wait_status("decode speed in status", Duration::from_secs(15), |s| {
+        s["decode"]["tokens_per_second"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0)
+    });
+    assert!(s["decode"]["tokens_predicted_total"].as_f64().unwrap() >= 1.0);
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(
+        !log.contains("sesame"),
+        "the key must not reach the daemon's log"
+    );
+}
+
 #[test]
 fn an_engine_that_always_crashes_is_a_reported_crash_loop() {
     let _one = serial();

@@ -38,6 +38,7 @@ impl Response {
 
 /// Sends one request on `io` and reads the whole response. `host` goes into the Host
 /// header; `target` only into error messages.
+#[allow(clippy::too_many_arguments)] // the request's parts, each one plain data
 pub async fn request<S>(
     io: S,
     target: &str,
@@ -45,6 +46,7 @@ pub async fn request<S>(
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
+    bearer: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, HttpError>
 where
@@ -68,6 +70,9 @@ where
             .header(hyper::header::HOST, host);
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(key) = bearer {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
@@ -102,6 +107,7 @@ pub async fn tcp_request(
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
+    bearer: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
     let target = format!("{host}:{port}");
@@ -116,7 +122,17 @@ pub async fn tcp_request(
     } else {
         target.clone()
     };
-    request(stream, &target, &host_header, method, path, body, timeout).await
+    request(
+        stream,
+        &target,
+        &host_header,
+        method,
+        path,
+        body,
+        bearer,
+        timeout,
+    )
+    .await
 }
 
 /// One request to a unix socket.
@@ -131,5 +147,15 @@ pub async fn unix_request(
         Ok(s) => s,
         Err(err) => return Err(HttpError::Connect { target, err }),
     };
-    request(stream, &target, "localhost", method, path, None, timeout).await
+    request(
+        stream,
+        &target,
+        "localhost",
+        method,
+        path,
+        None,
+        None,
+        timeout,
+    )
+    .await
 }

@@ -360,10 +360,11 @@ pub mod blocking {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
+        bearer: Option<&str>,
         timeout: Duration,
     ) -> Result<Response, HttpError> {
         runtime().block_on(super::http::tcp_request(
-            host, port, method, path, body, timeout,
+            host, port, method, path, body, bearer, timeout,
         ))
     }
 }

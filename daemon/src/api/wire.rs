@@ -319,7 +319,7 @@ impl From<&Plan> for PlanDoc {
                 seconds_per_token: (p.roofline.seconds_per_token * 1e6).round() / 1e6,
             },
             predicted_tok_s: r3(p.predicted_tok_s),
-            args: p.args.clone(),
+            args: crate::plan::shown_args(&p.args),
             reasons: p
                 .reasons
                 .iter()
@@ -605,7 +605,7 @@ pub fn metrics_text(s: &Status, m: &EngineMetrics) -> String {
         let t = &ps.total;
         g(
             "expertd_pool_hits_total",
-            "Expert pool hits.",
+            "Expert pool hits (experts found in a slot, ready or being filled).",
             "counter",
             &one(t.hits as f64),
         );
@@ -623,7 +623,7 @@ pub fn metrics_text(s: &Status, m: &EngineMetrics) -> String {
         );
         g(
             "expertd_pool_read_bytes_total",
-            "Bytes the pool read for misses.",
+            "Bytes the pool read from the model file: misses, staged experts and read-ahead.",
             "counter",
             &one(t.bytes_read as f64),
         );

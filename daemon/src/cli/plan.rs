@@ -74,7 +74,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{plan}");
-        println!("engine args: {}", plan.args.join(" "));
+        println!(
+            "engine args: {}",
+            crate::plan::shown_args(&plan.args).join(" ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1222,6 +1222,27 @@ impl Model {
     }
 }
 
+/// `args` as they may be shown (logs, the status document, `expertd plan`): the value
+/// of `--api-key` (given in `engine.extra_args`) replaced by `***`.
+pub fn shown_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut secret_next = false;
+    for a in args {
+        if secret_next {
+            out.push("***".to_string());
+            secret_next = false;
+        } else if a == "--api-key" {
+            out.push(a.clone());
+            secret_next = true;
+        } else if a.starts_with("--api-key=") {
+            out.push("--api-key=***".to_string());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// The llama-server arguments for a plan under a config: model, address, the plan's
 /// choices, the pool's flags when it is on, then `engine.extra_args` (last, so they win).
 pub fn engine_args(p: &Plan, c: &Config) -> Vec<String> {
@@ -1323,5 +1344,38 @@ impl fmt::Display for Plan {
             writeln!(f, "warning: {w}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_args;
+
+    #[test]
+    fn the_api_key_is_not_shown() {
+        let args: Vec<String> = [
+            "-m",
+            "m.gguf",
+            "--api-key",
+            "k1,k2",
+            "--api-key=k3",
+            "--port",
+            "8080",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            shown_args(&args),
+            [
+                "-m",
+                "m.gguf",
+                "--api-key",
+                "***",
+                "--api-key=***",
+                "--port",
+                "8080"
+            ]
+        );
     }
 }

@@ -110,6 +110,8 @@ pub struct EngineStatus {
     pub next_start_at: Option<SystemTime>,
     /// Crashes within the crash-loop window.
     pub recent_crashes: u32,
+    /// The API key the running engine was started with, for its `/metrics`.
+    pub api_key: Option<stats::ApiKey>,
 }
 
 /// Everything `expertd status` shows, as plain data.
@@ -161,6 +163,7 @@ impl Status {
                 last_exit: None,
                 next_start_at: None,
                 recent_crashes: 0,
+                api_key: None,
             },
             last_error: None,
             plan: None,
@@ -450,11 +453,12 @@ impl Supervisor {
         tracing::info!(
             binary = %spec.binary.display(),
             "starting engine: {}",
-            spec.args.join(" ")
+            crate::plan::shown_args(&spec.args).join(" ")
         );
         match EngineChild::spawn(&spec.binary, &spec.args, &spec.env) {
             Ok(child) => {
                 self.status.engine.pid = Some(child.pid());
+                self.status.engine.api_key = stats::engine_api_key(&spec.args, &spec.env);
                 self.status.engine.started_at = Some(SystemTime::now());
                 self.status.engine.state = EngineState::Starting;
                 self.engine = Some(child);
@@ -547,7 +551,7 @@ impl Supervisor {
             Duration::from_secs(3)
         };
         let answer =
-            crate::api::http::tcp_request(&host, port, "GET", "/health", None, timeout).await;
+            crate::api::http::tcp_request(&host, port, "GET", "/health", None, None, timeout).await;
         if let Err(e) = &answer
             && out_of_descriptors(e)
         {

@@ -21,6 +21,8 @@ pub const POLL: Duration = Duration::from_secs(2);
 /// Pool counters (totals over layers).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PoolCounters {
+    /// Needed experts found in a slot, ready or being filled (the pool's `hits` +
+    /// `inflight_hits`, as the pool's own hit rate counts them).
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
@@ -89,7 +91,7 @@ fn counters(v: &serde_json::Value) -> PoolCounters {
             .unwrap_or(0)
     };
     PoolCounters {
-        hits: g(&["hits"]),
+        hits: g(&["hits"]) + g(&["inflight_hits"]),
         misses: g(&["misses"]),
         evictions: g(&["evictions"]),
         bytes_read: g(&["bytes_read"]),
@@ -198,19 +200,104 @@ pub fn parse_engine_metrics(text: &str) -> DecodeStats {
     d
 }
 
+/// An API key the engine was started with: llama-server then answers `/metrics` only
+/// with it (`/health` is exempt). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
+impl ApiKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The API key an engine started with `args` and `env` (on top of the daemon's own
+/// environment) accepts, as llama-server reads them: `--api-key KEYS` (comma-separated;
+/// any one works), `--api-key-file FILE` (a key per line), `LLAMA_API_KEY`.
+pub fn engine_api_key(
+    args: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) -> Option<ApiKey> {
+    let first_key = |keys: &str| {
+        keys.split(',')
+            .map(str::trim)
+            .find(|k| !k.is_empty())
+            .map(|k| ApiKey(k.to_string()))
+    };
+    let flag = |name: &str| -> Option<String> {
+        let mut found = None;
+        for (i, a) in args.iter().enumerate() {
+            if a == name {
+                found = args.get(i + 1).cloned();
+            } else if let Some(v) = a.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+                found = Some(v.to_string());
+            }
+        }
+        found
+    };
+    if let Some(k) = flag("--api-key").as_deref().and_then(first_key) {
+        return Some(k);
+    }
+    if let Some(file) = flag("--api-key-file") {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if let Some(k) = text.lines().find_map(first_key) {
+                return Some(k);
+            }
+        }
+    }
+    env.get("LLAMA_API_KEY")
+        .cloned()
+        .or_else(|| std::env::var("LLAMA_API_KEY").ok())
+        .as_deref()
+        .and_then(first_key)
+}
+
+/// The process that wrote a pool stats file (its `pid`), if it says.
+fn writer_pid(stats: &PoolStats) -> Option<u32> {
+    let pid = stats.raw.get("pid")?.as_u64()?;
+    u32::try_from(pid).ok()
+}
+
+/// The engine process whose numbers count now: the one starting or serving.
+fn running_pid(engine: &super::EngineStatus) -> Option<u32> {
+    let running = matches!(engine.state, EngineState::Starting | EngineState::Serving);
+    engine.pid.filter(|_| running)
+}
+
+/// `stats` if the running engine wrote them.
+fn live_pool_stats(stats: Option<PoolStats>, running: Option<u32>) -> Option<PoolStats> {
+    stats.filter(|s| running.is_some() && writer_pid(s) == running)
+}
+
 /// Polls while the daemon runs; ends when the status channel closes.
+///
+/// Pool stats count only while the engine that wrote them runs (the file's `pid` is the
+/// engine's): a crashed engine's last file stays until the next start, and must not be
+/// shown as the current one. The engine answers `/metrics` between batches, so a scrape
+/// can time out during a long prompt: the numbers last read from the same engine stay
+/// until a scrape succeeds again.
 pub async fn poll(status: watch::Receiver<Status>, out: watch::Sender<EngineMetrics>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last decode numbers read, and the engine they came from.
+    let mut last_decode: Option<(u32, DecodeStats)> = None;
     loop {
         tick.tick().await;
         if status.has_changed().is_err() {
             return;
         }
-        let (serving, host, port, stats_path) = {
+        let (serving, running, api_key, host, port, stats_path) = {
             let s = status.borrow();
             (
                 s.engine.state == EngineState::Serving,
+                running_pid(&s.engine),
+                s.engine.api_key.clone(),
                 s.engine.host.clone(),
                 s.engine.port,
                 s.plan
@@ -218,33 +305,45 @@ pub async fn poll(status: watch::Receiver<Status>, out: watch::Sender<EngineMetr
                     .and_then(|p| p.pool.as_ref().map(|pool| pool.stats_path.clone())),
             )
         };
-        let pool = match &stats_path {
-            Some(p) => {
+        let pool = match (&stats_path, running) {
+            (Some(p), Some(_)) => {
                 let p = p.clone();
-                tokio::task::spawn_blocking(move || read_pool_stats(&p))
+                let read = tokio::task::spawn_blocking(move || read_pool_stats(&p))
                     .await
                     .ok()
-                    .flatten()
-                    .map(Arc::new)
+                    .flatten();
+                live_pool_stats(read, running).map(Arc::new)
             }
-            None => None,
+            _ => None,
         };
-        let decode = if serving {
-            match crate::api::http::tcp_request(
-                &host,
-                port,
-                "GET",
-                "/metrics",
-                None,
-                Duration::from_secs(1),
-            )
-            .await
-            {
-                Ok(r) if r.status == 200 => Some(parse_engine_metrics(&r.text())),
-                _ => None,
+        let decode = match (serving, running) {
+            (true, Some(pid)) => {
+                let fresh = match crate::api::http::tcp_request(
+                    &host,
+                    port,
+                    "GET",
+                    "/metrics",
+                    None,
+                    api_key.as_ref().map(ApiKey::as_str),
+                    Duration::from_secs(1),
+                )
+                .await
+                {
+                    Ok(r) if r.status == 200 => Some(parse_engine_metrics(&r.text())),
+                    _ => None,
+                };
+                match fresh {
+                    Some(d) => {
+                        last_decode = Some((pid, d.clone()));
+                        Some(d)
+                    }
+                    None => last_decode
+                        .as_ref()
+                        .filter(|(p, _)| *p == pid)
+                        .map(|(_, d)| d.clone()),
+                }
             }
-        } else {
-            None
+            _ => None,
         };
         out.send_replace(EngineMetrics { pool, decode });
     }
@@ -285,6 +384,7 @@ mod tests {
             prefetch_issued: 1,
             prefetch_useful: 1,
             errors: 1,
+            inflight_hits: 2,
             ..Default::default()
         };
         let layer = |layer, counters| LayerStats {
@@ -310,7 +410,8 @@ mod tests {
             layers: vec![layer(0, c(7, 3)), layer(2, c(1, 1))],
         };
         let s = parse_pool_stats(&serde_json::to_vec(&snap).unwrap()).unwrap();
-        assert_eq!((s.total.hits, s.total.misses, s.total.not_fit), (8, 4, 4));
+        // In-flight hits are hits, as in the pool's own hit rate.
+        assert_eq!((s.total.hits, s.total.misses, s.total.not_fit), (12, 4, 4));
         assert_eq!((s.total.prefetch_issued, s.total.prefetch_used), (12, 8));
         assert_eq!(s.total.errors, 2);
 
@@ -344,9 +445,87 @@ mod tests {
         assert_eq!(s.layers.len(), 2);
         assert_eq!(
             (s.layers[1].0, s.layers[1].1.hits, s.layers[1].1.misses),
-            (2, 1, 1)
+            (2, 3, 1)
         );
-        assert_eq!(s.layers[0].1.hit_rate(), Some(0.7));
+        assert_eq!(s.layers[0].1.hit_rate(), Some(0.75));
+    }
+
+    /// The key /metrics is scraped with: as llama-server reads it.
+    #[test]
+    fn the_engines_api_key_is_found_where_llama_server_reads_it() {
+        use std::collections::BTreeMap;
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let none = BTreeMap::new();
+        let key = |a: &[&str], env: &BTreeMap<String, String>| {
+            engine_api_key(&args(a), env).map(|k| k.as_str().to_string())
+        };
+        assert_eq!(key(&["--api-key", " k1 ,k2"], &none).as_deref(), Some("k1"));
+        assert_eq!(key(&["--api-key=k3"], &none).as_deref(), Some("k3"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "\nfrom-file\nsecond\n").unwrap();
+        assert_eq!(
+            key(&["--api-key-file", file.to_str().unwrap()], &none).as_deref(),
+            Some("from-file")
+        );
+        let env = BTreeMap::from([("LLAMA_API_KEY".to_string(), "from-env".to_string())]);
+        assert_eq!(key(&["-m", "x"], &env).as_deref(), Some("from-env"));
+        assert_eq!(key(&["--api-key", "flag"], &env).as_deref(), Some("flag"));
+        assert_eq!(
+            format!("{:?}", engine_api_key(&args(&["--api-key", "s"]), &none)),
+            "Some(ApiKey(..))"
+        );
+    }
+
+    /// Pool stats count only while the engine that wrote them starts or serves: a
+    /// crashed engine's file stays on disk until the next start.
+    #[test]
+    fn only_the_running_engines_pool_stats_count() {
+        let stats = |pid: Option<u32>| {
+            let text = match pid {
+                Some(p) => format!(r#"{{"pid":{p},"total":{{"hits":3,"misses":1}}}}"#),
+                None => r#"{"total":{"hits":3,"misses":1}}"#.to_string(),
+            };
+            parse_pool_stats(text.as_bytes())
+        };
+        let config = crate::config::Config::parse(
+            "model = \"/srv/models/m.gguf\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &crate::config::ConfigEnv::default(),
+        )
+        .unwrap();
+        let engine = |state, pid| {
+            let mut e = Status::new(&config).engine;
+            (e.state, e.pid) = (state, pid);
+            e
+        };
+        let serving = running_pid(&engine(EngineState::Serving, Some(41)));
+        assert_eq!(serving, Some(41));
+        assert!(live_pool_stats(stats(Some(41)), serving).is_some());
+        assert!(
+            live_pool_stats(stats(Some(40)), serving).is_none(),
+            "an earlier engine's file"
+        );
+        assert!(
+            live_pool_stats(stats(None), serving).is_none(),
+            "no writer named"
+        );
+        assert_eq!(
+            running_pid(&engine(EngineState::Starting, Some(41))),
+            Some(41)
+        );
+        for state in [
+            EngineState::CrashLoop,
+            EngineState::Restarting,
+            EngineState::Stopped,
+            EngineState::Stopping,
+        ] {
+            let running = running_pid(&engine(state, Some(41)));
+            assert!(
+                live_pool_stats(stats(Some(41)), running).is_none(),
+                "{state:?}"
+            );
+        }
     }
 
     #[test]
