@@ -295,6 +295,10 @@ fn bad_options_are_refused_clearly() {
         (|c| c.vocab = 100, "--vocab 100 must be in"),
         (|c| c.layers = 0, "--layers 0"),
         (|c| c.router_skew = f32::NAN, "--router-skew"),
+        (
+            |c| c.router_skew = 30.0,
+            "--router-skew 30 must be in 0..=10",
+        ),
         (|c| c.token_weight = -1.0, "--token-weight"),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
@@ -332,4 +336,22 @@ fn write_errors_leave_nothing_behind() {
     synth::write_model(&small(1), &p, 1).expect("replace");
     GgufFile::open(&p).expect("new file is complete");
     assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+}
+
+/// A temp file a killed run left (its PID gone) is removed by the next write of the same
+/// model; one of a run still alive is left alone.
+#[test]
+fn a_killed_runs_temp_file_is_removed_by_the_next_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stale = dir.path().join(".x.gguf.tmp-999999999-7"); // above any pid_max
+    let live = dir
+        .path()
+        .join(format!(".x.gguf.tmp-{}-7", std::process::id()));
+    std::fs::write(&stale, b"half a model").unwrap();
+    std::fs::write(&live, b"being written").unwrap();
+    let p = dir.path().join("x.gguf");
+    synth::write_model(&SynthConfig::preset(Preset::Tiny), &p, 1).expect("write");
+    assert!(p.exists());
+    assert!(!stale.exists(), "the dead run's temp file is gone");
+    assert!(live.exists(), "a live run's temp file stays");
 }

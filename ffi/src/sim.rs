@@ -51,6 +51,8 @@ pub fn simulate_per_layer(
             used: t.used,
         });
     }
+    // More slots than experts hold every expert, as many slots as experts do.
+    let slots = slots.min(t.experts);
     let k = t.used as usize;
     let mut out = vec![(0u64, 0u64); t.layers as usize];
     let mut plan = RequestPlan::default();
@@ -84,6 +86,7 @@ pub fn belady_per_layer(t: &Trace, slots: u32) -> Result<Vec<(u64, u64)>, TooFew
             used: t.used,
         });
     }
+    let slots = slots.min(t.experts); // as in simulate_per_layer
     let (n, k, e) = (t.tokens(), t.used as usize, t.experts as usize);
     let mut out = Vec::with_capacity(t.layers as usize);
     let mut next = vec![0usize; n * k];
@@ -255,5 +258,15 @@ mod tests {
     fn too_few_slots() {
         let t = trace("expert-trace 1 layers=1 experts=4 used=2\n0 1\n");
         assert!(sim_table(&t, 1).is_err());
+    }
+
+    /// More slots than experts hold every expert, like as many slots as experts: no
+    /// panic (the slot map takes at most 65536) and no giant allocation.
+    #[test]
+    fn slots_beyond_the_experts_are_all_the_experts() {
+        let t = trace("expert-trace 1 layers=1 experts=4 used=2\n0 1\n2 3\n0 2\n");
+        let all = sim_table(&t, 4).unwrap();
+        assert_eq!(sim_table(&t, 70_000).unwrap(), all);
+        assert_eq!(sim_table(&t, u32::MAX).unwrap(), all);
     }
 }

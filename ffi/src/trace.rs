@@ -85,13 +85,27 @@ pub struct Trace {
     pub ids: Vec<u16>,
 }
 
+/// Most MoE layers a trace may have (llama.cpp's limit is 512).
+pub const MAX_LAYERS: u32 = 4096;
+
+/// Largest Zipf exponent `generate` takes: real routers measure about 0.3-1, and much
+/// steeper popularity leaves the rarest ranks too unlikely to draw the distinct experts
+/// a token needs in reasonable time.
+pub const MAX_ZIPF: f64 = 2.0;
+
 impl Trace {
     /// An empty trace of the given shape (validated).
     pub fn new(layers: u32, experts: u32, used: u32) -> Result<Self, TraceError> {
-        if layers == 0 || experts == 0 || used == 0 || experts > 65536 || used > experts {
+        if layers == 0
+            || layers > MAX_LAYERS
+            || experts == 0
+            || used == 0
+            || experts > 65536
+            || used > experts
+        {
             return Err(TraceError::Invalid(format!(
-                "shape layers={layers} experts={experts} used={used}: need layers, used >= 1, \
-                 used <= experts <= 65536"
+                "shape layers={layers} experts={experts} used={used}: need 1 <= layers <= \
+                 {MAX_LAYERS}, used >= 1, used <= experts <= 65536"
             )));
         }
         Ok(Trace {
@@ -171,8 +185,16 @@ impl Trace {
         };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".tmp.{}", std::process::id()));
-        std::fs::write(&tmp, &data).map_err(io_err)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
+        // Written and synced aside, then renamed over: the path holds the old trace or
+        // the whole new one, and a failure leaves no temp file behind.
+        let written = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        written.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io_err(e)
         })
@@ -419,10 +441,16 @@ struct Generator {
 impl Generator {
     /// Checks `p` and draws the popularity orders from `rng`.
     fn new(p: &GenParams, rng: &mut Rng) -> Result<Generator, TraceError> {
-        if !(0.0..=1.0).contains(&p.reuse.0) || !(0.0..=1.0).contains(&p.reuse.1) || p.zipf < 0.0 {
-            return Err(TraceError::Invalid(
-                "reuse must be in 0..=1 and zipf >= 0".into(),
-            ));
+        if !(0.0..=1.0).contains(&p.reuse.0)
+            || !(0.0..=1.0).contains(&p.reuse.1)
+            || !(0.0..=MAX_ZIPF).contains(&p.zipf)
+        {
+            return Err(TraceError::Invalid(format!(
+                "reuse must be in 0..=1 and zipf in 0..={MAX_ZIPF}"
+            )));
+        }
+        if p.tokens == 0 {
+            return Err(TraceError::Invalid("tokens must be at least 1".into()));
         }
         let (e, k) = (p.experts as usize, p.used as usize);
         let weights: Vec<f64> = (1..=e).map(|r| (r as f64).powf(-p.zipf)).collect();
@@ -682,6 +710,11 @@ mod tests {
                 "expert-trace 1 layers=1 experts=4 used=1\nx\n",
                 "bad expert id",
             ),
+            // a tiny file must not make the tools loop over billions of layers
+            (
+                "expert-trace 1 layers=4000000000 experts=1 used=1\n",
+                "layers <= 4096",
+            ),
         ];
         for (text, want) in cases {
             let err = Trace::parse(text.as_bytes()).unwrap_err().to_string();
@@ -714,6 +747,39 @@ mod tests {
         }
         // Same seed, same trace.
         assert_eq!(generate(&p).unwrap(), t);
+    }
+
+    /// Parameters the generator cannot draw from in reasonable time (the rarest ranks of
+    /// a steep or NaN popularity are never drawn) or that make an empty trace are refused.
+    #[test]
+    fn the_generator_refuses_what_it_cannot_draw() {
+        let ok = GenParams {
+            layers: 2,
+            experts: 16,
+            used: 4,
+            tokens: 10,
+            reuse: (0.3, 0.3),
+            zipf: MAX_ZIPF,
+            seed: 1,
+        };
+        assert_eq!(
+            generate(&ok).unwrap().tokens(),
+            10,
+            "the steepest allowed draws"
+        );
+        for zipf in [f64::NAN, f64::INFINITY, 20.0, -0.1] {
+            let err = generate(&GenParams { zipf, ..ok.clone() })
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("zipf in 0..=2"), "{zipf}: {err}");
+        }
+        let err = generate(&GenParams {
+            tokens: 0,
+            ..ok.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tokens must be at least 1"), "{err}");
     }
 }
 

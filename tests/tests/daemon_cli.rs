@@ -1,9 +1,10 @@
 //! The daemon's command line without an engine: exit codes of `serve` for the errors
-//! systemd must not retry, `status` with no daemon, and `plan`.
+//! systemd must not retry, `status` with no daemon, `plan`, and `engine path`.
 
 use std::process::Command;
 
 use expertd_tests::daemon_support::{expertd_binary, tiny_model};
+use expertd_tests::workspace;
 
 fn expertd(args: &[&str], config: &std::path::Path) -> std::process::Output {
     Command::new(expertd_binary())
@@ -126,4 +127,40 @@ fn status_without_a_daemon_exits_69_and_plan_needs_none() {
     );
     let replayed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(replayed["args"], plan["args"]);
+}
+
+/// `expertd engine path` names where a binary goes: the workspace is checked (a typo is
+/// an error that names where it came from) and the path printed is absolute.
+#[test]
+fn engine_path_checks_the_workspace_and_prints_an_absolute_path() {
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(expertd_binary());
+        cmd.args(["engine", "path"])
+            .args(args)
+            .current_dir(workspace());
+        match env {
+            Some(v) => cmd.env("EXPERTD_WORKSPACE", v),
+            None => cmd.env_remove("EXPERTD_WORKSPACE"),
+        };
+        cmd.output().unwrap()
+    };
+    let out = run(&["--workspace", "/nonexistent/ws"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--workspace") && err.contains("not an expertd workspace"),
+        "{err}"
+    );
+    let out = run(&[], Some("/nonexistent/ws"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("EXPERTD_WORKSPACE"));
+    let out = run(&["--workspace", "."], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(path.starts_with('/'), "{path}");
+    assert!(path.starts_with(workspace().to_str().unwrap()), "{path}");
 }

@@ -26,8 +26,8 @@ pub struct BuildArgs {
     #[arg(long)]
     stock: bool,
     /// Parallel compile jobs (default: number of CPUs).
-    #[arg(short, long)]
-    jobs: Option<usize>,
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: Option<u32>,
     /// Extra cmake configure argument (repeatable), e.g. --cmake-arg=-DCMAKE_CUDA_ARCHITECTURES=90.
     #[arg(long = "cmake-arg", allow_hyphen_values = true)]
     cmake_args: Vec<String>,
@@ -52,15 +52,36 @@ pub struct PathArgs {
     workspace: Option<PathBuf>,
 }
 
+/// The workspace: `--workspace`, else `$EXPERTD_WORKSPACE`, else found above the current
+/// directory or this executable; checked (it holds `vendor/llama.cpp.pin`) and absolute,
+/// so that the paths printed work from anywhere.
 fn workspace(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = explicit {
-        return Ok(dir);
+    let (dir, source) = match explicit {
+        Some(dir) => (dir, "--workspace"),
+        None => {
+            let from_env = std::env::var_os("EXPERTD_WORKSPACE").is_some();
+            let cwd = std::env::current_dir().context("reading the current directory")?;
+            let exe = std::env::current_exe().ok();
+            let found = find_workspace(&cwd)
+                .or_else(|| exe.as_deref().and_then(find_workspace))
+                .context("no expertd workspace found (a directory with vendor/llama.cpp.pin) above the current directory; pass --workspace")?;
+            (
+                found,
+                if from_env {
+                    "EXPERTD_WORKSPACE"
+                } else {
+                    "the current directory"
+                },
+            )
+        }
+    };
+    if !dir.join("vendor").join("llama.cpp.pin").is_file() {
+        anyhow::bail!(
+            "{source}: {:?} is not an expertd workspace (no vendor/llama.cpp.pin in it)",
+            dir.display().to_string()
+        );
     }
-    let cwd = std::env::current_dir().context("reading the current directory")?;
-    let exe = std::env::current_exe().ok();
-    find_workspace(&cwd)
-        .or_else(|| exe.as_deref().and_then(find_workspace))
-        .context("no expertd workspace found (a directory with vendor/llama.cpp.pin) above the current directory; pass --workspace")
+    std::path::absolute(&dir).with_context(|| format!("{source}: {}", dir.display()))
 }
 
 fn flavor(stock: bool) -> Flavor {
@@ -78,7 +99,7 @@ pub fn run(cmd: EngineCommand) -> anyhow::Result<ExitCode> {
             let opts = BuildOptions {
                 backend: args.backend,
                 flavor: flavor(args.stock),
-                jobs: args.jobs,
+                jobs: args.jobs.map(|j| j as usize),
                 cmake_args: args.cmake_args,
                 pool_lib: args.pool_lib,
             };

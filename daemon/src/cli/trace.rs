@@ -130,8 +130,13 @@ pub fn run(cmd: TraceCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Reads a trace to replay or describe: one with no tokens is an error.
 fn read(path: &std::path::Path) -> anyhow::Result<Trace> {
-    Trace::read(path).with_context(|| format!("reading trace {}", path.display()))
+    let t = Trace::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+    if t.tokens() == 0 {
+        anyhow::bail!("trace {} has no tokens", path.display());
+    }
+    Ok(t)
 }
 
 fn run_sim(a: SimArgs) -> anyhow::Result<ExitCode> {

@@ -311,8 +311,21 @@ impl SynthConfig {
                 ));
             }
         }
+        // A router row is scaled by exp(skew * z) with z ~ N(0,1) over thousands of rows:
+        // with a skew of 30 the largest rows overflow f32 and routing turns to NaN.
+        if !(0.0..=10.0).contains(&self.router_skew) {
+            return bad(format!(
+                "--router-skew {} must be in 0..=10",
+                self.router_skew
+            ));
+        }
+        if self.expert_ffn.checked_mul(self.n_expert_used).is_none() {
+            return bad(format!(
+                "--expert-ffn {} x --experts-used {} overflows the model's feed_forward_length",
+                self.expert_ffn, self.n_expert_used
+            ));
+        }
         for (what, v) in [
-            ("--router-skew", self.router_skew),
             ("--router-scale", self.router_scale),
             ("--token-weight", self.token_weight),
             ("--context-weight", self.context_weight),
@@ -729,6 +742,25 @@ impl Drop for TempGuard {
     }
 }
 
+/// Removes temp files (`PREFIX<pid>-...`) that runs no longer alive left in `dir` (killed
+/// before their clean-up ran): each may be gigabytes.
+fn remove_stale_temps(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if pid.is_some() && !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes the model `config` describes to `path` atomically, generating chunks on
 /// `threads` worker threads (at least 1), and returns what it wrote.
 pub fn write_model(
@@ -754,11 +786,27 @@ pub fn write_model(
     let file_name = path
         .file_name()
         .ok_or_else(|| SynthError::Config(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    // The whole file is written before it is renamed into place: refuse at once when it
+    // cannot fit (a typo in a size would otherwise fill the disk first).
+    if let Ok(st) = rustix::fs::statvfs(&dir) {
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if lay.file_size > free {
+            return Err(SynthError::Config(format!(
+                "the model needs {:.1} GiB and {} has {:.1} GiB free",
+                lay.file_size as f64 / (1u64 << 30) as f64,
+                dir.display(),
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    let tmp_prefix = format!(".{}.tmp-", file_name.to_string_lossy());
+    remove_stale_temps(&dir, &tmp_prefix);
+    // pid and time: a temp name is never one an earlier run left (e.g. as PID 1 in a
+    // container, killed before it could remove it)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!("{tmp_prefix}{}-{nanos}", std::process::id()));
     let mut guard = TempGuard {
         path: tmp.clone(),
         armed: true,

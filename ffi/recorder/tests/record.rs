@@ -408,6 +408,24 @@ fn expertd_trace_record_runs_the_recorder() {
     assert_eq!(meta["generated_tokens"], 5);
     assert_eq!(meta["trace_includes_prompt"], true);
 
+    // A prompt that starts with '-' reaches the recorder as a prompt, not an option.
+    let dashed = dir.path().join("dashed.trace");
+    let run = Command::new(&expertd)
+        .args(["trace", "record"])
+        .arg(&tiny().1)
+        .arg("-o")
+        .arg(&dashed)
+        .args(["--prompt=- first item", "--tokens", "2", "--threads", "2"])
+        .env_remove("EXPERTD_TRACE_RECORD")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(Trace::read(&dashed).unwrap().tokens() > 2);
+
     // The same recording through the library gives the same trace.
     let rec = record(&RecordOptions {
         seed: 3,

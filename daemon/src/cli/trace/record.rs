@@ -63,16 +63,19 @@ pub struct RecordArgs {
 }
 
 impl RecordArgs {
-    /// The recorder's command line for these arguments.
+    /// The recorder's command line for these arguments: every value joined to its
+    /// option (`--prompt=- item`: a separate value starting with `-` would be read as an
+    /// option) and the model after `--`.
     pub fn to_argv(&self) -> Vec<OsString> {
-        let mut v: Vec<OsString> = vec![self.model.clone().into(), "-o".into()];
-        v.push(self.output.clone().into());
+        let mut v: Vec<OsString> = Vec::new();
         let mut opt = |name: &str, val: Option<OsString>| {
             if let Some(val) = val {
-                v.push(name.into());
-                v.push(val);
+                let mut joined = OsString::from(format!("{name}="));
+                joined.push(val);
+                v.push(joined);
             }
         };
+        opt("--output", Some(self.output.clone().into()));
         opt("--prompt-file", self.prompt_file.clone().map(Into::into));
         opt("--prompt", self.prompt.clone().map(Into::into));
         opt(
@@ -97,6 +100,8 @@ impl RecordArgs {
         }
         // `expertd` prints the full statistics table itself.
         v.push("--no-stats".into());
+        v.push("--".into());
+        v.push(self.model.clone().into());
         v
     }
 }
@@ -221,29 +226,28 @@ mod tests {
         assert_eq!(
             v,
             [
-                "m.gguf",
-                "-o",
-                "t.trace",
-                "--prompt-file",
-                "p.txt",
-                "--tokens",
-                "5",
-                "--threads",
-                "2",
-                "--batch",
-                "256",
-                "--seed",
-                "0",
-                "--temp",
-                "0.7",
+                "--output=t.trace",
+                "--prompt-file=p.txt",
+                "--tokens=5",
+                "--threads=2",
+                "--batch=256",
+                "--seed=0",
+                "--temp=0.7",
                 "--skip-prompt",
                 "--verbose",
-                "--no-stats"
+                "--no-stats",
+                "--",
+                "m.gguf",
             ]
         );
         let v = argv(&["m.gguf", "-o", "t", "--random-tokens", "9", "--text"]);
-        assert!(v.windows(2).any(|w| w == ["--random-tokens", "9"]), "{v:?}");
+        assert!(v.contains(&"--random-tokens=9".to_string()), "{v:?}");
         assert!(v.contains(&"--text".to_string()));
+        // Values that start with '-' stay values.
+        let v = argv(&["--output=-t", "--prompt=- item", "--", "-m.gguf"]);
+        assert!(v.contains(&"--prompt=- item".to_string()), "{v:?}");
+        assert!(v.contains(&"--output=-t".to_string()), "{v:?}");
+        assert_eq!(v[v.len() - 2..], ["--", "-m.gguf"]);
         // One prompt source at most.
         assert!(
             Wrap::try_parse_from(["x", "m", "-o", "t", "--prompt", "a", "--random-tokens", "3"])
