@@ -180,16 +180,19 @@ impl StatsSnapshot {
 }
 
 /// Writes `snap` to `path` atomically: a temp file in the same directory, fsync-free
-/// (stats are advisory), then rename.
+/// (stats are advisory), then rename. Each call has a temp file of its own (the pool's
+/// publisher thread and `ep_pool_publish_stats`, or two pools, may write at once).
 pub fn write_atomic(path: &Path, snap: &StatsSnapshot) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let json = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
     let mut tmp = PathBuf::from(path);
     let name = format!(
-        "{}.tmp.{}",
+        "{}.tmp.{}.{}",
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "stats".into()),
-        std::process::id()
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     tmp.set_file_name(name);
     {
@@ -200,4 +203,48 @@ pub fn write_atomic(path: &Path, snap: &StatsSnapshot) -> std::io::Result<()> {
     fs::rename(&tmp, path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers at once (the publisher thread and an explicit publish) each succeed, and
+    /// the file always holds one whole snapshot: with one temp name per process, one
+    /// writer truncated the other's file and the second rename failed.
+    #[test]
+    fn writers_at_once_each_publish_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.json");
+        let snap = |pid| StatsSnapshot {
+            format: STATS_FORMAT.into(),
+            version: 1,
+            pid,
+            unix_ms: 0,
+            io: "pread".into(),
+            direct_files: 0,
+            files: 1,
+            policy: "lru".into(),
+            warnings: vec!["x".repeat(4096)],
+            total: Counters::default(),
+            layers: vec![],
+        };
+        std::thread::scope(|s| {
+            for w in 0..4u32 {
+                let (path, snap) = (&path, snap(w));
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(path, &snap).expect("every write succeeds");
+                        let text = std::fs::read(path).unwrap();
+                        serde_json::from_slice::<StatsSnapshot>(&text).expect("a whole snapshot");
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+    }
 }
