@@ -277,15 +277,18 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
  * misses' reads in flight, so that the engine computes while they come in: out_slots
  * gets the slots ep_pool_request would give (on EP_OK only), but a slot's projection
  * proj must not be read before ep_pool_request_wait(pool, layer, proj) (or with proj
- * -1) has returned EP_OK. Misses are read projection by projection (every miss's
- * projection 0 first, then 1, ...), so the engine orders its matmuls the same way.
+ * -1) has returned EP_OK. Misses are read in two waves: every projection but the last
+ * now, the last one (down) once every earlier one has been waited for, so that it comes
+ * in while the engine computes with them. *out_in_flight (may be NULL) gets the number of the request's distinct
+ * experts still being read: with 0 every slot is ready and the waits may be skipped.
  * The request is the layer's started request until a wait with proj -1 ends it; any
  * later request of the layer (ep_pool_request or ep_pool_request_start) ends it too,
  * and its slots are then no longer held. Errors found before the reads start are
  * returned here, as by ep_pool_request; read errors come from the waits. */
 ep_status ep_pool_request_start(ep_pool *pool, int32_t layer, const int32_t *ids,
                                 uint32_t n_used, uint32_t n_tokens,
-                                size_t ids_row_stride, int32_t *out_slots);
+                                size_t ids_row_stride, int32_t *out_slots,
+                                uint32_t *out_in_flight);
 
 /* Waits until projection proj (0..n_proj-1 of the layer's description; -1: every
  * projection) of every expert of the layer's started request is in its slot. With -1

@@ -634,7 +634,7 @@ pub unsafe extern "C" fn ep_pool_request(
             n_tokens,
             ids_row_stride,
             out_slots,
-            true,
+            None,
         )
     }
 }
@@ -642,8 +642,9 @@ pub unsafe extern "C" fn ep_pool_request(
 /// See `ep_pool_request_start` in the header.
 ///
 /// # Safety
-/// As for `ep_pool_request`.
+/// As for `ep_pool_request`; `out_in_flight` NULL or writable.
 #[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ep_pool_request_start(
     pool: *mut ep_pool,
     layer: i32,
@@ -652,6 +653,7 @@ pub unsafe extern "C" fn ep_pool_request_start(
     n_tokens: u32,
     ids_row_stride: usize,
     out_slots: *mut i32,
+    out_in_flight: *mut u32,
 ) -> ep_status {
     // SAFETY: the caller's contract is request_common's.
     unsafe {
@@ -663,15 +665,16 @@ pub unsafe extern "C" fn ep_pool_request_start(
             n_tokens,
             ids_row_stride,
             out_slots,
-            false,
+            Some(out_in_flight),
         )
     }
 }
 
-/// `ep_pool_request` (`wait`) and `ep_pool_request_start`.
+/// `ep_pool_request` (`started` None) and `ep_pool_request_start` (`started`: where the
+/// number of experts in flight goes, may be NULL).
 ///
 /// # Safety
-/// As for `ep_pool_request`.
+/// As for `ep_pool_request`; a `started` pointer NULL or writable.
 #[allow(clippy::too_many_arguments)]
 unsafe fn request_common(
     pool: *mut ep_pool,
@@ -681,7 +684,7 @@ unsafe fn request_common(
     n_tokens: u32,
     ids_row_stride: usize,
     out_slots: *mut i32,
-    wait: bool,
+    started: Option<*mut u32>,
 ) -> ep_status {
     guard(|| {
         // SAFETY: per the function's contract.
@@ -703,10 +706,15 @@ unsafe fn request_common(
             // aliased by ids (the header: ids and out_slots must not overlap).
             unsafe { std::slice::from_raw_parts_mut(out_slots, n) }
         };
-        if wait {
-            pool.request(layer, ids, n_used, n_tokens, stride, out)?;
-        } else {
-            pool.request_start(layer, ids, n_used, n_tokens, stride, out)?;
+        match started {
+            None => pool.request(layer, ids, n_used, n_tokens, stride, out)?,
+            Some(out_in_flight) => {
+                let n = pool.request_start(layer, ids, n_used, n_tokens, stride, out)?;
+                if !out_in_flight.is_null() {
+                    // SAFETY: non-null and writable by the contract.
+                    unsafe { out_in_flight.write(n) };
+                }
+            }
         }
         Ok(Status::Ok)
     })

@@ -251,8 +251,8 @@ struct Started {
     state: StartedState,
     /// Its distinct experts: (expert, slot, the slot's generation when it began).
     experts: Vec<(u32, u32, u32)>,
-    /// What it adds to the counters once served.
-    served: Served,
+    /// What it adds to the counters once served (`None`: counted already).
+    served: Option<Served>,
     /// Its fills whose reads of projections `next_proj..` have not started (see
     /// `Inner::start_fills`); empty when every read started.
     held_back: Vec<usize>,
@@ -463,6 +463,7 @@ impl Pool {
     ) -> Result<()> {
         let mut g = self.lock()?;
         g.request(layer, ids, n_used, n_tokens, row_stride, out, true)
+            .map(|_| ())
     }
 
     /// Like [`Pool::request`], but returns once the slots are assigned, with the misses'
@@ -471,8 +472,12 @@ impl Pool {
     /// read before [`Pool::request_wait`] with `Some(p)` (or `None`) has returned Ok;
     /// `request_wait(layer, None)` waits for every projection and ends the request.
     /// Any later request of the layer ends it too (its slots are then no longer held).
-    /// Misses are read projection by projection (every miss's projection 0 first), so
-    /// that the engine's first matmul can start while the others' reads are in flight.
+    /// Misses are read in two waves: every projection but the last now, the last one once
+    /// the engine has waited for all the others, so that it comes in while the engine
+    /// computes with them.
+    /// Returns how many of the request's distinct experts are still being read: with 0
+    /// every slot is ready, the request is counted as served, and the waits may be
+    /// skipped (they return at once).
     #[allow(clippy::too_many_arguments)]
     pub fn request_start(
         &self,
@@ -482,7 +487,7 @@ impl Pool {
         n_tokens: usize,
         row_stride: usize,
         out: &mut [i32],
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let mut g = self.lock()?;
         g.request(layer, ids, n_used, n_tokens, row_stride, out, false)
     }
@@ -825,7 +830,8 @@ impl Inner {
         Ok(())
     }
 
-    /// [`Pool::request`] (`wait`) or [`Pool::request_start`] (not `wait`).
+    /// [`Pool::request`] (`wait`) or [`Pool::request_start`] (not `wait`). Returns the
+    /// number of the request's distinct experts still being read (0 with `wait`).
     #[allow(clippy::too_many_arguments)]
     fn request(
         &mut self,
@@ -836,7 +842,7 @@ impl Inner {
         row_stride: usize,
         out: &mut [i32],
         wait: bool,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let li = self.index_of(layer)?;
         // Any request ends the layer's started one (its slots are no longer held); the
         // reads it held back start, so that its fills end.
@@ -864,29 +870,36 @@ impl Inner {
         if res.is_ok() {
             self.record(li, ids, n_used, n_tokens, row_stride);
         }
+        let in_flight = if res.is_ok() && !wait {
+            self.started_in_flight(li)
+        } else {
+            0
+        };
         let l = &mut self.layers[li];
         match &res {
             Ok(ahead_fills) => {
                 // Counted for served requests only, so that they add up to the distinct
                 // experts those requests asked for: a started one when its last wait
-                // returns.
+                // returns, or now when nothing of it is left to read (its waits may then
+                // be skipped).
                 let served = Served {
                     hits: u64::from(plan.hits),
                     inflight_hits: plan.waits.len() as u64,
                     misses: plan.fills.len() as u64,
                     ahead_fills: *ahead_fills,
                 };
-                if wait {
+                if wait || in_flight == 0 {
                     served.count(&mut l.counters);
+                    l.started.served = None;
                 } else {
-                    l.started.served = served;
+                    l.started.served = Some(served);
                 }
             }
             Err(PoolError::DoesNotFit { .. }) => l.counters.does_not_fit += 1,
             Err(_) => l.counters.errors += 1,
         }
         self.plan = plan;
-        res.map(|_| ()).map_err(|e| match e {
+        res.map(|_| in_flight).map_err(|e| match e {
             PoolError::DoesNotFit { needed, slots, .. } => PoolError::DoesNotFit {
                 layer,
                 needed,
@@ -1063,12 +1076,12 @@ impl Inner {
     }
 
     /// Starts the reads of a request's misses (queued; the caller submits). With `waves`
-    /// (a started request), only every miss's projection 0 is read now, the other
-    /// projections one at a time as the engine waits for them (`submit_wave`): this VM's
-    /// disk completes the reads it is given together, so projection 0 read alone comes
-    /// in in about a third of the time, and each later projection's reads come in
-    /// while the engine computes with the earlier ones. A fill counts its held-back reads
-    /// in `remaining`, so it cannot end before they are read.
+    /// (a started request), the last projection (down) of every miss is held back until
+    /// the engine has waited for all the others (`submit_wave`): this VM's disk completes
+    /// the reads it is given together, so the first projections read alone come in
+    /// sooner, and the last one's reads come in while the engine computes with them. A
+    /// fill counts its held-back reads in `remaining`, so it cannot end before they are
+    /// read.
     fn start_fills(&mut self, li: usize, orders: &[FillOrder], waves: bool) {
         let n_projs = self.layers[li].projs.len();
         let mut fids = std::mem::take(&mut self.fill_ids);
@@ -1081,7 +1094,7 @@ impl Inner {
                 .remaining = n_projs as u32;
             fids.push(fid);
         }
-        let first_held = if waves { 1.min(n_projs) } else { n_projs };
+        let first_held = if waves { (n_projs - 1).max(1) } else { n_projs };
         for p in 0..first_held {
             self.start_proj_reads(li, &fids, p);
         }
@@ -1167,6 +1180,18 @@ impl Inner {
             l.started.experts.push((e, s, l.map.generation(s)));
         }
         l.started.state = StartedState::Live;
+    }
+
+    /// How many of the started request's experts are still being read.
+    fn started_in_flight(&self, li: usize) -> u32 {
+        let l = &self.layers[li];
+        let filling = l
+            .started
+            .experts
+            .iter()
+            .filter(|&&(_, s, _)| l.map.state(s) == SlotState::Filling)
+            .count();
+        filling as u32
     }
 
     /// Where the layer's started request stands for the projections in `mask`.
@@ -1259,7 +1284,19 @@ impl Inner {
         self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
         let res = match res {
             // The next projection's reads come in while the engine computes this one.
-            Ok(()) if proj.is_some() => self.submit_wave(li).map(|_| ()),
+            Ok(()) if proj.is_some() => {
+                // The held-back projection's reads start once every earlier one is in.
+                let next = self.layers[li].started.next_proj;
+                let earlier = (1u32 << next) - 1;
+                let started = &self.layers[li].started;
+                if !started.held_back.is_empty()
+                    && matches!(self.started_progress(li, earlier), Progress::Done)
+                {
+                    self.submit_wave(li).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            }
             Err(e) => {
                 // Nothing of the request is used now; its fills must still end.
                 let _ = self.flush_waves(li);
@@ -1271,7 +1308,9 @@ impl Inner {
         match &res {
             Ok(()) if proj.is_none() => {
                 l.started.state = StartedState::None;
-                l.started.served.count(&mut l.counters);
+                if let Some(served) = l.started.served.take() {
+                    served.count(&mut l.counters);
+                }
             }
             Ok(()) => {}
             Err(_) => {

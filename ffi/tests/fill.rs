@@ -433,8 +433,15 @@ fn a_started_request_serves_each_projection_after_its_wait() {
                 .map(|j| ((j * 3 + round * 2) % N_EXPERTS) as i32)
                 .collect();
             let (mut out, mut want) = ([-1i32; 5], [-2i32; 5]);
-            pool.request_start(0, &ids, 5, 1, 5, &mut out).unwrap();
+            let in_flight = pool.request_start(0, &ids, 5, 1, 5, &mut out).unwrap();
+            let misses = plain.counters(Some(0)).unwrap().misses;
             plain.request(0, &ids, 5, 1, 5, &mut want).unwrap();
+            let misses = plain.counters(Some(0)).unwrap().misses - misses;
+            assert_eq!(
+                u64::from(in_flight),
+                misses,
+                "{mode:?} round {round}: misses in flight"
+            );
             assert_eq!(
                 out, want,
                 "{mode:?} round {round}: the same slots as a request"
@@ -493,6 +500,30 @@ fn a_started_request_whose_read_fails_fails_its_waits() {
     }
 }
 
+/// A started request whose experts are all ready needs no wait: nothing is in flight, and
+/// it is counted as served at once.
+#[test]
+fn a_started_request_of_ready_experts_is_served_at_once() {
+    let (pool, m) = layer0_pool(IoMode::Auto);
+    let mut out = [0i32; 2];
+    pool.request(0, &[3, 4], 2, 1, 2, &mut out).unwrap();
+    let before = pool.counters(Some(0)).unwrap();
+    assert_eq!(
+        pool.request_start(0, &[4, 3], 2, 1, 2, &mut out).unwrap(),
+        0
+    );
+    let after = pool.counters(Some(0)).unwrap();
+    assert_eq!(
+        (after.requests, after.hits),
+        (before.requests + 1, before.hits + 2)
+    );
+    assert_slots_hold(&pool, 0, &m, 0, &out, &[4, 3], "ready at once");
+    // Waiting anyway returns at once and counts nothing twice.
+    pool.request_wait(0, Some(1)).unwrap();
+    pool.request_wait(0, None).unwrap();
+    assert_eq!(pool.counters(Some(0)).unwrap().requests, after.requests);
+}
+
 /// Waiting with no started request, or for a projection the layer does not have, is an
 /// error; a plain request ends a started one.
 #[test]
@@ -511,4 +542,36 @@ fn waits_need_a_started_request_and_a_real_projection() {
     pool.request(0, &[3, 4], 2, 1, 2, &mut out).unwrap();
     let err = pool.request_wait(0, None).unwrap_err();
     assert!(matches!(err, PoolError::State(_)), "{err}");
+}
+
+/// A started request reads its misses' last projection (down) only once every earlier
+/// one was waited for, so that it comes in while the engine computes with those.
+#[test]
+fn a_started_request_reads_the_last_projection_after_the_others() {
+    let (pool, m) = layer0_pool(IoMode::Auto);
+    assert_eq!(
+        pool.io_active().unwrap(),
+        ActiveIo::Uring,
+        "io_uring is available here"
+    );
+    let mut out = [0i32; 2];
+    assert_eq!(
+        pool.request_start(0, &[7, 8], 2, 1, 2, &mut out).unwrap(),
+        2
+    );
+    // one chunk per projection of these small experts
+    assert_eq!(
+        pool.reads_in_flight().unwrap(),
+        4,
+        "gate and up of both misses, not down"
+    );
+    pool.request_wait(0, Some(0)).unwrap();
+    pool.request_wait(0, Some(1)).unwrap();
+    assert_eq!(
+        pool.reads_in_flight().unwrap(),
+        2,
+        "down of both misses, just started"
+    );
+    pool.request_wait(0, None).unwrap();
+    assert_slots_hold(&pool, 0, &m, 0, &out, &[7, 8], "after the last wait");
 }

@@ -108,7 +108,7 @@ fn check_sequence(policy: PolicyKind, io: IoMode, ops: &[Op]) -> Result<(), Test
                 let mut out = vec![-1; ids.len()];
                 let res = if *start {
                     pool.request_start(*layer, &ids, k, tokens.len(), k, &mut out)
-                        .and_then(|()| {
+                        .and_then(|_| {
                             pool.prefetch(*layer, between)?;
                             for p in 0..2 {
                                 pool.request_wait(*layer, Some(p))?;

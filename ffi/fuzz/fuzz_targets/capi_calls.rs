@@ -218,31 +218,29 @@ fuzz_target!(|data: &[u8]| {
                     *id = i32::from(inp.u8().unwrap_or(0) % 48) - 2;
                 }
                 let mut out = vec![-1i32; n_used * n_tokens];
-                let request = if started {
-                    ep_pool_request_start
+                let ids_ptr = if ids.is_empty() {
+                    ptr::null()
                 } else {
-                    ep_pool_request
+                    ids.as_ptr()
                 };
-                // SAFETY: ids and out match the declared shape.
+                let out_ptr = if out.is_empty() {
+                    ptr::null_mut()
+                } else {
+                    out.as_mut_ptr()
+                };
+                let mut in_flight = u32::MAX;
+                let (u, t, s) = (n_used as u32, n_tokens as u32, stride * 4);
+                // SAFETY: ids and out match the declared shape; in_flight is writable.
                 let mut st = unsafe {
-                    request(
-                        pool,
-                        layer,
-                        if ids.is_empty() {
-                            ptr::null()
-                        } else {
-                            ids.as_ptr()
-                        },
-                        n_used as u32,
-                        n_tokens as u32,
-                        stride * 4,
-                        if out.is_empty() {
-                            ptr::null_mut()
-                        } else {
-                            out.as_mut_ptr()
-                        },
-                    )
+                    if started {
+                        ep_pool_request_start(pool, layer, ids_ptr, u, t, s, out_ptr, &mut in_flight)
+                    } else {
+                        ep_pool_request(pool, layer, ids_ptr, u, t, s, out_ptr)
+                    }
                 };
+                if started && st == EP_OK {
+                    assert!(in_flight as usize <= n_used * n_tokens, "in flight {in_flight}");
+                }
                 assert!(known(st), "status {st}");
                 if started && st == EP_OK {
                     let n_proj = layers

@@ -193,7 +193,9 @@ int main(int argc, char **argv) {
 
     /* A started request: slots at once, each projection's bytes once its wait returns. */
     int32_t later[2] = {4, 6};
-    CHECK(ep_pool_request_start(pool, 2, later, 2, 1, 8, slots) == EP_OK, "request_start");
+    uint32_t in_flight = 99;
+    CHECK(ep_pool_request_start(pool, 2, later, 2, 1, 8, slots, &in_flight) == EP_OK, "request_start");
+    CHECK(in_flight <= 2, "in flight %u", in_flight);
     for (int p = 0; p < n_proj; p++) {
         CHECK(ep_pool_request_wait(pool, 2, p) == EP_OK, "wait proj %d", p);
         for (int j = 0; j < 2; j++) {
@@ -203,6 +205,8 @@ int main(int argc, char **argv) {
     }
     CHECK(ep_pool_request_wait(pool, 2, -1) == EP_OK, "wait all");
     CHECK(ep_pool_request_wait(pool, 2, -1) == EP_ERR_STATE, "the request has ended");
+    CHECK(ep_pool_request_start(pool, 2, later, 2, 1, 8, slots, &in_flight) == EP_OK && in_flight == 0,
+          "all ready: nothing in flight (%u)", in_flight);
     CHECK(ep_pool_request_wait(pool, 2, n_proj) == EP_ERR_INVALID_ARGUMENT || n_proj == 0, "no such projection");
 
     /* Stage read-ahead: announced experts are read now; bad ids and NULL are refused. */
