@@ -54,6 +54,8 @@ fn every_function_matches_the_header() {
         ep_pool_add_layer(_, _);
         ep_pool_slot_memory(_, _, _, _, _);
         ep_pool_request(_, _, _, _, _, _, _);
+        ep_pool_request_start(_, _, _, _, _, _, _, _);
+        ep_pool_request_wait(_, _, _);
         ep_pool_stage(_, _, _, _, _, _, _, _);
         ep_pool_stage_ahead(_, _, _, _, _);
         ep_pool_prefetch(_, _, _, _, _);
