@@ -266,7 +266,8 @@ ep_status ep_pool_slot_memory(ep_pool *pool, int32_t layer, int32_t proj,
  * distinct, and they stay valid until the next request for this layer. Blocks while
  * misses (all submitted as one batch; those announced by ep_pool_stage_ahead are
  * filled from its reads) and needed in-flight prefetches complete.
- * Returns EP_DOES_NOT_FIT (nothing changed) if the distinct experts exceed n_slots.
+ * Returns EP_DOES_NOT_FIT (no slot changed) if the distinct experts exceed n_slots.
+ * Any call of it (or of ep_pool_request_start) first ends the layer's started request.
  * On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) no slot is served and experts
  * whose fill failed are not resident. */
 ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
@@ -278,24 +279,29 @@ ep_status ep_pool_request(ep_pool *pool, int32_t layer, const int32_t *ids,
  * gets the slots ep_pool_request would give (on EP_OK only), but a slot's projection
  * proj must not be read before ep_pool_request_wait(pool, layer, proj) (or with proj
  * -1) has returned EP_OK. Misses are read in two waves: every projection but the last
- * now, the last one (down) once every earlier one has been waited for, so that it comes
- * in while the engine computes with them. *out_in_flight (may be NULL) gets the number of the request's distinct
- * experts still being read: with 0 every slot is ready and the waits may be skipped.
+ * now; the last one (down) once a wait finds every earlier projection in, or on a wait
+ * for it (or -1), or at the layer's next request, whichever comes first, so that it
+ * comes in while the engine computes with the earlier ones. *out_in_flight (may be
+ * NULL) gets the number of the request's distinct experts still being read: with 0
+ * every slot is ready, the request is counted as served, and the waits may be skipped.
  * The request is the layer's started request until a wait with proj -1 ends it; any
- * later request of the layer (ep_pool_request or ep_pool_request_start) ends it too,
- * and its slots are then no longer held. Errors found before the reads start are
- * returned here, as by ep_pool_request; read errors come from the waits. */
+ * later request of the layer ends it too, and its slots are then no longer held.
+ * Counters count it once it is served (its -1 wait, or at once with nothing in
+ * flight); a routing trace records it here. An error returned here (bad ids, no fit,
+ * a changed file, a read-ahead read it needed that failed) means nothing was started;
+ * read errors of its own reads come from the waits. */
 ep_status ep_pool_request_start(ep_pool *pool, int32_t layer, const int32_t *ids,
                                 uint32_t n_used, uint32_t n_tokens,
                                 size_t ids_row_stride, int32_t *out_slots,
                                 uint32_t *out_in_flight);
 
-/* Waits until projection proj (0..n_proj-1 of the layer's description; -1: every
- * projection) of every expert of the layer's started request is in its slot. With -1
- * and EP_OK the request has ended, every slot holds its expert, as after
- * ep_pool_request. On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...) the request
- * failed: none of its slots may be used, and later waits on it return EP_ERR_STATE,
- * as does a wait on a layer with no started request. */
+/* Waits until projection proj (0..n_proj-1 of the layer's description; any negative
+ * value: every projection) of every expert of the layer's started request is in its
+ * slot. With a negative proj and EP_OK the request has ended, every slot holds its
+ * expert, as after ep_pool_request. On an error (EP_ERR_IO, EP_ERR_FILE_CHANGED, ...)
+ * the request failed: none of its slots may be used, and later waits on it return
+ * EP_ERR_STATE, as does a wait on a layer with no started request. A proj >= n_proj
+ * is EP_ERR_INVALID_ARGUMENT. */
 ep_status ep_pool_request_wait(ep_pool *pool, int32_t layer, int32_t proj);
 
 /* For a ubatch too large for the layer's slots, computed by the engine from a staging

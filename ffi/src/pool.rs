@@ -257,6 +257,8 @@ struct Started {
     /// `Inner::start_fills`); empty when every read started.
     held_back: Vec<usize>,
     next_proj: usize,
+    /// The first failure of one of its fills (its waits report it).
+    error: Option<PoolError>,
 }
 
 /// A served request's share of the counters.
@@ -968,16 +970,26 @@ impl Inner {
                 }
                 self.start_fills(li, &fresh, !wait);
                 self.fresh_fills = fresh;
-                self.io.submit()?;
+                if let Err(e) = self.io.submit() {
+                    // not started: what it held back must still be read, so its fills end
+                    let _ = self.flush_waves(li);
+                    return Err(e);
+                }
             }
         }
         if !wait {
             if let Some(e) = early_error {
                 return Err(e);
             }
-            self.layers[li]
+            // A miss filled from read-ahead reads that had all finished, one failed, is
+            // not resident now.
+            if let Err(e) = self.layers[li]
                 .map
-                .assigned(ids, n_used, n_tokens, row_stride, out)?;
+                .assigned(ids, n_used, n_tokens, row_stride, out)
+            {
+                let _ = self.flush_waves(li);
+                return Err(self.last_fill_error.take().unwrap_or(e));
+            }
             self.mark_started(li, plan);
             return Ok(ahead_fills);
         }
@@ -1180,6 +1192,7 @@ impl Inner {
             l.started.experts.push((e, s, l.map.generation(s)));
         }
         l.started.state = StartedState::Live;
+        l.started.error = None;
     }
 
     /// How many of the started request's experts are still being read.
@@ -1257,11 +1270,15 @@ impl Inner {
                 match self.started_progress(li, mask) {
                     Progress::Done => break Ok(()),
                     Progress::Failed => {
-                        break Err(self.last_fill_error.take().unwrap_or_else(|| {
-                            PoolError::State(
-                                "an expert of the request is not resident after its fill".into(),
-                            )
-                        }));
+                        let own = self.layers[li].started.error.take();
+                        break Err(own.or_else(|| self.last_fill_error.take()).unwrap_or_else(
+                            || {
+                                PoolError::State(
+                                    "an expert of the request is not resident after its fill"
+                                        .into(),
+                                )
+                            },
+                        ));
                     }
                     Progress::Busy => {}
                 }
@@ -1490,7 +1507,20 @@ impl Inner {
             if let Some(log) = &self.log {
                 in_callback(|| log(LogLevel::Error, &msg));
             }
-            self.last_fill_error = Some(e);
+            // A started request's own failure waits for its waits (other calls in between
+            // may fail other fills, and a request resets `last_fill_error`).
+            let st = &mut self.layers[li].started;
+            let of_started = st.state == StartedState::Live
+                && st.error.is_none()
+                && st
+                    .experts
+                    .iter()
+                    .any(|&(_, s, g)| s == fill.order.slot && g == fill.order.generation);
+            if of_started {
+                st.error = Some(e);
+            } else {
+                self.last_fill_error = Some(e);
+            }
         }
     }
 

@@ -575,3 +575,63 @@ fn a_started_request_reads_the_last_projection_after_the_others() {
     pool.request_wait(0, None).unwrap();
     assert_slots_hold(&pool, 0, &m, 0, &out, &[7, 8], "after the last wait");
 }
+
+/// A started request's read error is reported by its own wait even when another layer's
+/// request ran in between (it reaped the failed read, and a request clears the pool's
+/// last fill error).
+#[test]
+fn a_started_requests_read_error_survives_other_requests() {
+    let m = model();
+    let pool = m.pool(
+        PoolConfig {
+            io_mode: IoMode::Auto,
+            policy: PolicyKind::Lru,
+            ..Default::default()
+        },
+        [0, 1],
+        N_EXPERTS,
+        [N_SLOTS, N_SLOTS],
+    );
+    let mut out = [0i32; 2];
+    pool.request_start(0, &[5, 6], 2, 1, 2, &mut out).unwrap();
+    pool.request_wait(0, Some(0)).unwrap();
+    pool.request_wait(0, Some(1)).unwrap();
+    // down's reads are in flight now; the next completion fails
+    pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut other = [0i32; 2];
+    pool.request(1, &[1, 2], 2, 1, 2, &mut other).unwrap();
+    let err = pool.request_wait(0, None).unwrap_err();
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+    assert_slots_hold(&pool, 1, &m, 1, &other, &[1, 2], "the other layer");
+}
+
+/// A started request that needs a read-ahead read that failed returns that read's error
+/// and starts nothing; the misses it did start are read to the end (the next request
+/// of the layer is served).
+#[test]
+fn a_started_request_on_a_failed_read_ahead_returns_its_error() {
+    let (pool, m) = layer0_pool(IoMode::Auto);
+    pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+    assert_eq!(pool.stage_ahead(0, &[9]).unwrap(), 1);
+    for _ in 0..10_000 {
+        if pool.reads_in_flight().unwrap() == 0 {
+            break;
+        }
+        pool.poll().unwrap();
+        std::thread::yield_now();
+    }
+    let mut out = [-7i32; 2];
+    let err = pool
+        .request_start(0, &[9, 10], 2, 1, 2, &mut out)
+        .unwrap_err();
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+    assert_eq!(out, [-7, -7], "nothing written on error");
+    let err = pool.request_wait(0, None).unwrap_err();
+    assert!(
+        matches!(err, PoolError::State(_)),
+        "nothing was started: {err}"
+    );
+    pool.request(0, &[10, 11], 2, 1, 2, &mut out).unwrap();
+    assert_slots_hold(&pool, 0, &m, 0, &out, &[10, 11], "after the failed start");
+}
