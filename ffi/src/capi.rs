@@ -185,6 +185,17 @@ unsafe fn pool_ref<'a>(p: *mut ep_pool) -> Result<&'a Pool> {
         .ok_or_else(|| null("pool"))
 }
 
+/// Writes `value` to an optional out parameter (NULL: the caller does not want it).
+///
+/// # Safety
+/// `p` NULL or valid for a write of `T`.
+unsafe fn write_opt<T>(p: *mut T, value: T) {
+    if !p.is_null() {
+        // SAFETY: non-null and writable by the caller's contract.
+        unsafe { p.write(value) };
+    }
+}
+
 /// # Safety
 /// `p` must be NULL (only when `len` is 0) or valid for reads of `len` elements.
 unsafe fn slice_in<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T]> {
@@ -710,10 +721,8 @@ unsafe fn request_common(
             None => pool.request(layer, ids, n_used, n_tokens, stride, out)?,
             Some(out_in_flight) => {
                 let n = pool.request_start(layer, ids, n_used, n_tokens, stride, out)?;
-                if !out_in_flight.is_null() {
-                    // SAFETY: non-null and writable by the contract.
-                    unsafe { out_in_flight.write(n) };
-                }
+                // SAFETY: NULL or writable by the contract.
+                unsafe { write_opt(out_in_flight, n) };
             }
         }
         Ok(Status::Ok)
@@ -758,10 +767,8 @@ pub unsafe extern "C" fn ep_pool_stage_ahead(
         // SAFETY: experts is valid for n reads by the contract.
         let experts = unsafe { slice_in(experts, n, "experts") }?;
         let started = pool.stage_ahead(layer, experts)?;
-        if !out_n.is_null() {
-            // SAFETY: non-null and writable by the contract.
-            unsafe { out_n.write(started) };
-        }
+        // SAFETY: NULL or writable by the contract.
+        unsafe { write_opt(out_n, started) };
         Ok(Status::Ok)
     })
 }
@@ -785,10 +792,8 @@ pub unsafe extern "C" fn ep_pool_prefetch(
         // SAFETY: experts is valid for n reads by the contract.
         let experts = unsafe { slice_in(experts, n, "experts") }?;
         let o = pool.prefetch(layer, experts)?;
-        if !out_started.is_null() {
-            // SAFETY: non-null and writable by the contract.
-            unsafe { out_started.write(o.started) };
-        }
+        // SAFETY: NULL or writable by the contract.
+        unsafe { write_opt(out_started, o.started) };
         Ok(if o.dropped > 0 {
             Status::Dropped
         } else {
@@ -862,10 +867,8 @@ pub unsafe extern "C" fn ep_pool_stats_json(
                 buf.add(n).write(0);
             }
         }
-        if !out_len.is_null() {
-            // SAFETY: non-null and writable by the contract.
-            unsafe { out_len.write(json.len()) };
-        }
+        // SAFETY: NULL or writable by the contract.
+        unsafe { write_opt(out_len, json.len()) };
         Ok(Status::Ok)
     })
 }

@@ -372,15 +372,24 @@ fn expertd_trace_record_runs_the_recorder() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = dir.path().join("prompt.txt");
     std::fs::write(&prompt, TEXT).unwrap();
+    // `expertd trace record MODEL -o OUT ARGS...`
+    let expertd_record = |out: &std::path::Path, args: &[&str]| {
+        Command::new(&expertd)
+            .args(["trace", "record"])
+            .arg(&tiny().1)
+            .arg("-o")
+            .arg(out)
+            .args(args)
+            .env_remove("EXPERTD_TRACE_RECORD")
+            .output()
+            .unwrap()
+    };
     let out = dir.path().join("rec.trace");
-    let run = Command::new(&expertd)
-        .args(["trace", "record"])
-        .arg(&tiny().1)
-        .arg("-o")
-        .arg(&out)
-        .arg("--prompt-file")
-        .arg(&prompt)
-        .args([
+    let prompt_arg = format!("--prompt-file={}", prompt.display());
+    let run = expertd_record(
+        &out,
+        &[
+            &prompt_arg,
             "--tokens",
             "5",
             "--threads",
@@ -389,10 +398,8 @@ fn expertd_trace_record_runs_the_recorder() {
             "3",
             "--batch",
             "16",
-        ])
-        .env_remove("EXPERTD_TRACE_RECORD")
-        .output()
-        .unwrap();
+        ],
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -410,15 +417,10 @@ fn expertd_trace_record_runs_the_recorder() {
 
     // A prompt that starts with '-' reaches the recorder as a prompt, not an option.
     let dashed = dir.path().join("dashed.trace");
-    let run = Command::new(&expertd)
-        .args(["trace", "record"])
-        .arg(&tiny().1)
-        .arg("-o")
-        .arg(&dashed)
-        .args(["--prompt=- first item", "--tokens", "2", "--threads", "2"])
-        .env_remove("EXPERTD_TRACE_RECORD")
-        .output()
-        .unwrap();
+    let run = expertd_record(
+        &dashed,
+        &["--prompt=- first item", "--tokens", "2", "--threads", "2"],
+    );
     assert!(
         run.status.success(),
         "{}",
