@@ -299,6 +299,10 @@ fn bad_options_are_refused_clearly() {
             |c| c.router_skew = 30.0,
             "--router-skew 30 must be in 0..=10",
         ),
+        (
+            |c| c.expert_ffn = 1 << 30,
+            "overflows the model's feed_forward_length",
+        ),
         (|c| c.token_weight = -1.0, "--token-weight"),
     ];
     let dir = tempfile::tempdir().expect("tempdir");

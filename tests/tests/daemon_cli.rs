@@ -130,7 +130,8 @@ fn status_without_a_daemon_exits_69_and_plan_needs_none() {
 }
 
 /// `expertd engine path` names where a binary goes: the workspace is checked (a typo is
-/// an error that names where it came from) and the path printed is absolute.
+/// an error that names where it came from) and the path printed is absolute. `engine
+/// build --jobs 0` is a usage error (cmake's own error named no flag).
 #[test]
 fn engine_path_checks_the_workspace_and_prints_an_absolute_path() {
     let run = |args: &[&str], env: Option<&str>| {
@@ -154,6 +155,12 @@ fn engine_path_checks_the_workspace_and_prints_an_absolute_path() {
     let out = run(&[], Some("/nonexistent/ws"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("EXPERTD_WORKSPACE"));
+    let out = std::process::Command::new(expertd_binary())
+        .args(["engine", "build", "--jobs", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jobs"));
     let out = run(&["--workspace", "."], None);
     assert!(
         out.status.success(),

@@ -332,4 +332,21 @@ mod tests {
         assert!(parse_reuse("1.5").is_err());
         assert!(parse_reuse("a..b").is_err());
     }
+
+    /// A trace with no tokens is an error for the tools that replay or describe it
+    /// (their tables would be all zeros).
+    #[test]
+    fn an_empty_trace_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.trace");
+        std::fs::write(&path, "expert-trace 1 layers=2 experts=8 used=2\n").unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(err.contains("has no tokens"), "{err}");
+        std::fs::write(
+            &path,
+            "expert-trace 1 layers=2 experts=8 used=2\n0 1 | 2 3\n",
+        )
+        .unwrap();
+        assert_eq!(read(&path).unwrap().tokens(), 1);
+    }
 }
