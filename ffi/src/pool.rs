@@ -253,10 +253,9 @@ struct Started {
     experts: Vec<(u32, u32, u32)>,
     /// What it adds to the counters once served (`None`: counted already).
     served: Option<Served>,
-    /// Its fills whose reads of projections `next_proj..` have not started (see
+    /// Its fills whose read of the layer's last projection has not started (see
     /// `Inner::start_fills`); empty when every read started.
     held_back: Vec<usize>,
-    next_proj: usize,
     /// The first failure of one of its fills (its waits report it).
     error: Option<PoolError>,
 }
@@ -848,7 +847,7 @@ impl Inner {
         let li = self.index_of(layer)?;
         // Any request ends the layer's started one (its slots are no longer held); the
         // reads it held back start, so that its fills end.
-        self.flush_waves(li)?;
+        self.start_held_back(li)?;
         self.layers[li].started.state = StartedState::None;
         if out.len() < n_used * n_tokens {
             return Err(PoolError::invalid(
@@ -972,7 +971,7 @@ impl Inner {
                 self.fresh_fills = fresh;
                 if let Err(e) = self.io.submit() {
                     // not started: what it held back must still be read, so its fills end
-                    let _ = self.flush_waves(li);
+                    let _ = self.start_held_back(li);
                     return Err(e);
                 }
             }
@@ -987,7 +986,7 @@ impl Inner {
                 .map
                 .assigned(ids, n_used, n_tokens, row_stride, out)
             {
-                let _ = self.flush_waves(li);
+                let _ = self.start_held_back(li);
                 return Err(self.last_fill_error.take().unwrap_or(e));
             }
             self.mark_started(li, plan);
@@ -1087,14 +1086,14 @@ impl Inner {
         fid
     }
 
-    /// Starts the reads of a request's misses (queued; the caller submits). With `waves`
+    /// Starts the reads of a request's misses (queued; the caller submits). With `hold_last`
     /// (a started request), the last projection (down) of every miss is held back until
-    /// the engine has waited for all the others (`submit_wave`): this VM's disk completes
+    /// the engine has waited for all the others (`start_held_back`): this VM's disk completes
     /// the reads it is given together, so the first projections read alone come in
     /// sooner, and the last one's reads come in while the engine computes with them. A
     /// fill counts its held-back reads in `remaining`, so it cannot end before they are
     /// read.
-    fn start_fills(&mut self, li: usize, orders: &[FillOrder], waves: bool) {
+    fn start_fills(&mut self, li: usize, orders: &[FillOrder], hold_last: bool) {
         let n_projs = self.layers[li].projs.len();
         let mut fids = std::mem::take(&mut self.fill_ids);
         fids.clear();
@@ -1106,15 +1105,18 @@ impl Inner {
                 .remaining = n_projs as u32;
             fids.push(fid);
         }
-        let first_held = if waves { (n_projs - 1).max(1) } else { n_projs };
+        let first_held = if hold_last {
+            (n_projs - 1).max(1)
+        } else {
+            n_projs
+        };
         for p in 0..first_held {
             self.start_proj_reads(li, &fids, p);
         }
-        let l = &mut self.layers[li];
         if first_held < n_projs {
-            l.started.held_back.clear();
-            l.started.held_back.extend_from_slice(&fids);
-            l.started.next_proj = first_held;
+            let held = &mut self.layers[li].started.held_back;
+            held.clear();
+            held.extend_from_slice(&fids);
         }
         self.fill_ids = fids;
     }
@@ -1153,30 +1155,19 @@ impl Inner {
         }
     }
 
-    /// Starts (and submits) the reads of the next held-back projection of the layer's
-    /// started request. Returns false when none is held back.
-    fn submit_wave(&mut self, li: usize) -> Result<bool> {
-        let st = &mut self.layers[li].started;
-        if st.held_back.is_empty() {
+    /// Starts (and submits) the reads of the last projection that the layer's started
+    /// request holds back. Returns false when it holds none back.
+    fn start_held_back(&mut self, li: usize) -> Result<bool> {
+        let mut fids = std::mem::take(&mut self.layers[li].started.held_back);
+        if fids.is_empty() {
             return Ok(false);
         }
-        let p = st.next_proj;
-        let fids = std::mem::take(&mut st.held_back);
-        self.start_proj_reads(li, &fids, p);
-        let l = &mut self.layers[li];
-        l.started.next_proj += 1;
-        l.started.held_back = fids;
-        if l.started.next_proj >= l.projs.len() {
-            l.started.held_back.clear(); // every read started
-        }
+        let last = self.layers[li].projs.len() - 1;
+        self.start_proj_reads(li, &fids, last);
+        fids.clear(); // every read started (the vector is kept for its allocation)
+        self.layers[li].started.held_back = fids;
         self.io.submit()?;
         Ok(true)
-    }
-
-    /// Starts every read the layer's started request still holds back.
-    fn flush_waves(&mut self, li: usize) -> Result<()> {
-        while self.submit_wave(li)? {}
-        Ok(())
     }
 
     /// Records the request just planned (and served or started) as the layer's started
@@ -1253,15 +1244,11 @@ impl Inner {
                 )));
             }
         }
-        // The projections waited for are read (they may have been held back).
-        let res = loop {
-            let st = &self.layers[li].started;
-            if st.held_back.is_empty() || proj.is_some_and(|p| p < st.next_proj) {
-                break Ok(());
-            }
-            if let Err(e) = self.submit_wave(li) {
-                break Err(e);
-            }
+        // The projections waited for are read (the last one may have been held back).
+        let res = if proj.is_none_or(|p| p + 1 == n_projs) {
+            self.start_held_back(li).map(|_| ())
+        } else {
+            Ok(())
         };
         let t0 = Instant::now();
         let res = res.and_then(|()| {
@@ -1284,7 +1271,7 @@ impl Inner {
                 }
                 if self.io.pending() == 0 {
                     // A fill that failed still holds reads back: start them, so it ends.
-                    match self.submit_wave(li) {
+                    match self.start_held_back(li) {
                         Ok(true) => continue,
                         Ok(false) => {}
                         Err(e) => break Err(e),
@@ -1300,23 +1287,21 @@ impl Inner {
         });
         self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
         let res = match res {
-            // The next projection's reads come in while the engine computes this one.
+            // The held-back last projection's reads start once every earlier one is in,
+            // and come in while the engine computes with those.
             Ok(()) if proj.is_some() => {
-                // The held-back projection's reads start once every earlier one is in.
-                let next = self.layers[li].started.next_proj;
-                let earlier = (1u32 << next) - 1;
-                let started = &self.layers[li].started;
-                if !started.held_back.is_empty()
+                let earlier = (1u32 << (n_projs - 1)) - 1;
+                if !self.layers[li].started.held_back.is_empty()
                     && matches!(self.started_progress(li, earlier), Progress::Done)
                 {
-                    self.submit_wave(li).map(|_| ())
+                    self.start_held_back(li).map(|_| ())
                 } else {
                     Ok(())
                 }
             }
             Err(e) => {
                 // Nothing of the request is used now; its fills must still end.
-                let _ = self.flush_waves(li);
+                let _ = self.start_held_back(li);
                 Err(e)
             }
             ok => ok,
