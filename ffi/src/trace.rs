@@ -93,6 +93,24 @@ pub const MAX_LAYERS: u32 = 4096;
 /// a token needs in reasonable time.
 pub const MAX_ZIPF: f64 = 2.0;
 
+/// Writes `data` to `path` atomically: written and synced aside (`PATH.tmp.PID`), then
+/// renamed over, so the path holds the old file or the whole new one; a failure leaves
+/// no temp file behind. For traces and their sidecars.
+pub fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let written = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 impl Trace {
     /// An empty trace of the given shape (validated).
     pub fn new(layers: u32, experts: u32, used: u32) -> Result<Self, TraceError> {
@@ -179,24 +197,9 @@ impl Trace {
         } else {
             self.to_binary()
         };
-        let io_err = |source| TraceError::Io {
+        write_synced(path, &data).map_err(|source| TraceError::Io {
             path: path.display().to_string(),
             source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp.{}", std::process::id()));
-        // Written and synced aside, then renamed over: the path holds the old trace or
-        // the whole new one, and a failure leaves no temp file behind.
-        let written = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        written.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err(e)
         })
     }
 

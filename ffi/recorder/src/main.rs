@@ -68,28 +68,6 @@ fn sidecar_path(trace: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    // Synced aside, then renamed over; a failure leaves no temp file behind.
-    let written = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!(
-            "writing {} (through {}): {e}",
-            path.display(),
-            tmp.display()
-        )
-    })
-}
-
 fn run(a: Args) -> anyhow::Result<()> {
     let prompt = if let Some(f) = &a.prompt_file {
         let text = std::fs::read_to_string(f)
@@ -135,7 +113,8 @@ fn run(a: Args) -> anyhow::Result<()> {
         m.insert("engine".into(), expertd_recorder::ENGINE_BUILD_DIR.into());
     }
     let side = sidecar_path(&a.output);
-    write_atomic(&side, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    expert_pool::trace::write_synced(&side, serde_json::to_string_pretty(&meta)?.as_bytes())
+        .with_context(|| format!("writing {}", side.display()))?;
 
     eprintln!(
         "recorded {} tokens ({} prompt{}, {} generated, stop: {}) x {} MoE layers x {} of {} \
