@@ -171,3 +171,50 @@ fn engine_path_checks_the_workspace_and_prints_an_absolute_path() {
     assert!(path.starts_with('/'), "{path}");
     assert!(path.starts_with(workspace().to_str().unwrap()), "{path}");
 }
+
+/// `expertd synth --splits N` writes llama.cpp's split layout, and `expertd gguf` on the
+/// first file summarises the whole model (the same as the model in one file); on a later
+/// file it says which to give instead.
+#[test]
+fn synth_splits_a_model_and_gguf_reads_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(expertd_binary())
+            .args(args)
+            .output()
+            .expect("running expertd")
+    };
+    let whole = dir.path().join("w.gguf");
+    let split = dir.path().join("s.gguf");
+    let out = run(&["synth", "--preset", "tiny", "-o", whole.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--splits",
+        "3",
+        "-o",
+        split.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!split.exists(), "the whole file is removed after splitting");
+    let first = dir.path().join("s-00001-of-00003.gguf");
+    let json = |p: &std::path::Path| -> serde_json::Value {
+        let out = run(&["gguf", "--json", p.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let w = json(&whole);
+    let s = json(&first);
+    assert_eq!(s["split"]["count"], 3);
+    assert_eq!(s["model_files"].as_array().unwrap().len(), 3);
+    assert_eq!(w["model"], s["model"]);
+    let second = dir.path().join("s-00002-of-00003.gguf");
+    let later = json(&second);
+    let e = later["model_error"].as_str().unwrap();
+    assert!(e.contains("give the first one"), "{e}");
+
+    let out = run(&["synth", "--splits", "1", "-o", split.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -307,6 +307,51 @@ fn a_changed_model_file_is_replanned_and_restarted() {
     });
 }
 
+/// A model split over three files (llama.cpp's `gguf-split` layout) is served from its
+/// first file, the status lists its files, and replacing a later split restarts the engine
+/// as replacing a whole model does.
+#[test]
+fn a_split_model_is_served_and_a_replaced_split_restarts_the_engine() {
+    let _one = serial();
+    let models = tempfile::tempdir().unwrap();
+    let whole = models.path().join("model.gguf");
+    std::fs::copy(tiny_model(), &whole).unwrap();
+    let splits = expertd::gguf::write_split(&whole, 3).unwrap();
+    std::fs::remove_file(&whole).unwrap();
+    let (mut d, pid) = serving_on(&splits[0]);
+    let s = d.status().expect("status");
+    let listed: Vec<String> = splits.iter().map(|p| p.display().to_string()).collect();
+    assert_eq!(s["model"]["splits"], serde_json::json!(listed));
+    assert!(d.complete("Split model", 4).is_ok());
+
+    // The third split of the same model with other weights, downloaded next to it and
+    // renamed into place.
+    let other = tempfile::tempdir().unwrap();
+    let other_whole = other.path().join("model.gguf");
+    write_tiny_model(&other_whole, 7);
+    let other_splits = expertd::gguf::write_split(&other_whole, 3).unwrap();
+    let part = models.path().join("part");
+    std::fs::copy(&other_splits[2], &part).unwrap();
+    std::fs::rename(&part, &splits[2]).unwrap();
+    let s = d.wait_status("restart for the replaced split", SERVE, |s| {
+        s["engine"]["replans"] == 1 && s["engine"]["state"] == "serving"
+    });
+    assert_ne!(s["engine"]["pid"].as_u64(), Some(pid));
+    assert!(d.complete("Replaced split", 4).is_ok());
+
+    // A split going missing is reported and the engine keeps serving.
+    let pid = s["engine"]["pid"].as_u64();
+    std::fs::remove_file(&splits[1]).unwrap();
+    let s = d.wait_status("missing split reported", Duration::from_secs(30), |s| {
+        s["config"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("missing: split 2 of 3"))
+    });
+    assert_eq!(s["engine"]["pid"].as_u64(), pid);
+    assert_eq!(s["engine"]["state"], "serving");
+    assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
+}
+
 #[test]
 fn a_config_naming_a_model_not_there_yet_is_applied_when_it_appears() {
     let _one = serial();

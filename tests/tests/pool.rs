@@ -176,6 +176,55 @@ fn pool_is_bit_exact_on_mid_q4_k() {
     );
 }
 
+/// A model split over three GGUF files (llama.cpp's `gguf-split` layout, written by
+/// `expertd::gguf::write_split`): stock reads the split files like the whole one, and the
+/// pool, whose experts now come from three files at other offsets, gives the same tokens
+/// and logits.
+#[test]
+fn pool_is_bit_exact_on_a_split_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config) = model(dir.path(), Preset::Tiny, ExpertType::Q4K, 5);
+    let n_probs = config.vocab as usize;
+    let splits = expertd::gguf::write_split(&path, 3).unwrap();
+    assert_eq!(splits.len(), 3);
+    // every split holds expert tensors, so every file is read by the pool
+    for p in &splits {
+        let f = expertd::gguf::GgufFile::open(p).unwrap();
+        assert!(
+            f.tensors
+                .iter()
+                .any(|t| expertd::gguf::is_expert_tensor(&t.name)),
+            "{} holds no expert tensor",
+            p.display()
+        );
+    }
+    let stock = run(Flavor::Stock, &path, &[], n_probs);
+    let stock_split = run(Flavor::Stock, &splits[0], &[], n_probs);
+    assert_same(&stock, &stock_split, "stock on the split model");
+    for n in [config.n_expert_used, 2 * config.n_expert_used] {
+        let stats = dir.path().join(format!("split-stats-{n}.json"));
+        let args = [
+            "--expert-pool-slots",
+            &n.to_string(),
+            "--expert-pool-stats",
+            stats.to_str().unwrap(),
+        ];
+        let server = Server::start(
+            &engine_binary(Flavor::Patched, "llama-server"),
+            &splits[0],
+            &args,
+        )
+        .unwrap();
+        let pooled = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
+        server.stop().unwrap();
+        assert_same(&stock, &pooled, &format!("split model, {n} slots"));
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        let total = &s["total"];
+        assert!(total["misses"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(total["errors"], 0, "{s}");
+    }
+}
+
 #[test]
 fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
     let dir = tempfile::tempdir().unwrap();

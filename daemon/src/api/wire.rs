@@ -12,7 +12,9 @@
 //!   "host":   null | { "total_ram", "cgroup_memory_limit", "usable_cores", "disk_read_bytes_per_sec",
 //!                      "gpus": [{index, name, total_memory, free_memory}] },   // the last probe
 //!   "config": { "path", "error": string|null },          // error: the config on disk is not applied
-//!   "model":  { "source" (as written), "path" (GGUF), "ollama": null|{name, digest, server_version, note} },
+//!   "model":  { "source" (as written), "path" (GGUF; the first file of a split model),
+//!               "splits": [every file of a split model] (absent for a model in one file),
+//!               "ollama": null|{name, digest, server_version, note} },
 //!   "engine": { "state": "stopped"|"starting"|"serving"|"restarting"|"crash_loop"|"stopping",
 //!               "pid": int|null, "host", "port", "binary", "restarts" (after crashes),
 //!               "replans" (restarts for a changed plan), "recent_crashes", "started_at", "ready_at",
@@ -115,6 +117,8 @@ pub struct ConfigDoc {
 pub struct ModelDoc {
     pub source: String,
     pub path: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<String>,
     pub ollama: Option<OllamaDoc>,
 }
 
@@ -430,6 +434,17 @@ pub fn status_doc(
         model: ModelDoc {
             source: s.model_source.clone(),
             path: s.model_path.as_ref().map(|p| p.display().to_string()),
+            splits: s
+                .snapshot
+                .as_ref()
+                .map(|snap| {
+                    snap.model
+                        .splits
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
             ollama: s.ollama.as_ref().map(|o| OllamaDoc {
                 name: o.reference.short_name(),
                 digest: o.digest.clone(),

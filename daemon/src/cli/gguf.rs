@@ -1,9 +1,10 @@
-//! `expertd gguf FILE [--json] [--tensors]`: the header summary of a GGUF file.
+//! `expertd gguf FILE [--json] [--tensors]`: the header summary of a GGUF file; for the
+//! first file of a split model, the model summary covers all its files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::gguf::{GgufFile, ModelInfo, Value};
+use crate::gguf::{GgufError, GgufFile, GgufModel, ModelInfo, Value, split_info};
 
 /// Options of `expertd gguf`.
 #[derive(Debug, clap::Args)]
@@ -23,7 +24,13 @@ pub struct GgufArgs {
 pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
     // The errors name the file and the reason already.
     let file = GgufFile::open(&args.file)?;
-    let info = ModelInfo::from_gguf(&file);
+    let split = split_info(&file)?;
+    // (the model summary, the files it was read from)
+    let info: Result<(ModelInfo, Vec<PathBuf>), GgufError> = match split {
+        None => ModelInfo::from_gguf(&file).map(|i| (i, vec![file.path.clone()])),
+        Some(_) => GgufModel::open(&args.file)
+            .and_then(|m| ModelInfo::from_model(&m).map(|i| (i, m.paths()))),
+    };
     if args.json {
         let mut v = serde_json::json!({ "file": &file });
         if !args.tensors {
@@ -46,8 +53,15 @@ pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if let Some(sp) = split {
+            v["split"] =
+                serde_json::json!({ "no": sp.no, "count": sp.count, "tensors": sp.tensors });
+        }
         match &info {
-            Ok(i) => v["model"] = serde_json::to_value(i)?,
+            Ok((i, files)) => {
+                v["model"] = serde_json::to_value(i)?;
+                v["model_files"] = serde_json::to_value(files)?;
+            }
             Err(e) => v["model_error"] = e.to_string().into(),
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -69,8 +83,23 @@ pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
         file.tensors.len(),
         human(file.tensor_bytes())
     );
+    if let Some(sp) = split {
+        println!(
+            "split:       {} of {} ({} tensors in all)",
+            u32::from(sp.no) + 1,
+            sp.count,
+            sp.tensors
+        );
+    }
     match &info {
-        Ok(i) => {
+        Ok((i, files)) => {
+            if files.len() > 1 {
+                println!(
+                    "model:       {} files, {} of tensors",
+                    files.len(),
+                    human(i.total_bytes)
+                );
+            }
             println!("arch:        {}", i.arch);
             if let Some(n) = &i.name {
                 println!("name:        {n}");

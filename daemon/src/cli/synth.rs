@@ -114,6 +114,11 @@ pub struct SynthArgs {
     /// Print the manifest (config, tensors, offsets) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Split the model into this many files, as llama.cpp's gguf-split does:
+    /// NAME-00001-of-0000N.gguf and so on next to the output, which is then removed
+    /// (the engine and `expertd serve` are given the first file).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
+    pub splits: Option<u16>,
 }
 
 impl SynthArgs {
@@ -178,14 +183,30 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let manifest = synth::write_model(&config, &args.output, threads)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    let splits = match args.splits {
+        None => Vec::new(),
+        Some(n) => {
+            let paths = crate::gguf::write_split(&args.output, n)
+                .with_context(|| format!("splitting {}", args.output.display()))?;
+            std::fs::remove_file(&args.output).with_context(|| {
+                format!("removing {} after splitting it", args.output.display())
+            })?;
+            paths
+        }
+    };
     let secs = start.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
+        let mut v = serde_json::to_value(&manifest)?;
+        if !splits.is_empty() {
+            v["splits"] = serde_json::to_value(&splits)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let file = crate::gguf::GgufFile::open(&args.output)
-        .with_context(|| format!("reading back {}", args.output.display()))?;
-    let info = ModelInfo::from_gguf(&file)?;
+    let read_from = splits.first().unwrap_or(&args.output);
+    let model = crate::gguf::GgufModel::open(read_from)
+        .with_context(|| format!("reading back {}", read_from.display()))?;
+    let info = ModelInfo::from_model(&model)?;
     let per_expert = info
         .expert_bytes_per_layer
         .values()
@@ -218,5 +239,14 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         manifest.tensors.len(),
         100.0 * info.expert_bytes as f64 / info.total_bytes.max(1) as f64
     );
+    if !splits.is_empty() {
+        println!(
+            "split into {} files (llama.cpp's gguf-split layout; give the engine the first):",
+            splits.len()
+        );
+        for p in &splits {
+            println!("  {}", p.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -305,6 +305,15 @@ pub enum GgufError {
         /// What is wrong.
         reason: String,
     },
+    /// A file of a model split over several GGUF files (`split.*` keys) does not belong
+    /// with the others, or cannot be found.
+    #[error("{path}: split model: {reason}")]
+    BadSplit {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn version_hint(version: u32) -> &'static str {
@@ -344,7 +353,8 @@ impl GgufError {
             | GgufError::OverlappingTensors { path, .. }
             | GgufError::MissingKey { path, .. }
             | GgufError::BadKey { path, .. }
-            | GgufError::BadTensor { path, .. } => path,
+            | GgufError::BadTensor { path, .. }
+            | GgufError::BadSplit { path, .. } => path,
         }
     }
 }

@@ -18,9 +18,14 @@ mod error;
 mod ggml_type;
 mod model;
 mod read;
+mod split;
 mod write;
 
 pub use error::GgufError;
+pub use split::{
+    GgufModel, SPLIT_COUNT_KEY, SPLIT_NO_KEY, SPLIT_TENSORS_KEY, SplitInfo, SplitWriteError,
+    split_info, split_paths, write_split,
+};
 pub use write::{GgufLayout, TensorSpec, WriteError, layout};
 
 /// The four bytes every GGUF file starts with.
@@ -309,9 +314,26 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// Summarises a parsed header; errors name the missing or malformed key or tensor.
+    /// Summarises a whole model's parsed header; errors name the missing or malformed key
+    /// or tensor. A file of a split model is refused (its tensors are only part of the
+    /// model): read those with [`GgufModel::open`] and [`ModelInfo::from_model`].
     pub fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
-        model::from_gguf(file)
+        if let Some(s) = split_info(file)? {
+            return Err(GgufError::BadSplit {
+                path: file.path.clone(),
+                reason: format!(
+                    "split {} of {}: a split model is summarised from all its files",
+                    u32::from(s.no) + 1,
+                    s.count
+                ),
+            });
+        }
+        model::from_gguf(file, &[file])
+    }
+    /// Summarises a model from all its files (one, or every split).
+    pub fn from_model(model: &GgufModel) -> Result<ModelInfo, GgufError> {
+        let parts: Vec<&GgufFile> = model.files().collect();
+        model::from_gguf(model.first(), &parts)
     }
     /// True when the model has experts.
     pub fn is_moe(&self) -> bool {

@@ -151,7 +151,9 @@ const MAX_LAYERS: u64 = 1 << 16;
 /// Larger than any real hidden size, head count or head size (the largest are ~2^15).
 const MAX_WIDTH: u64 = 1 << 20;
 
-pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
+/// The summary of a model whose metadata is in `file` and whose tensors are those of
+/// `parts` (`file` itself, or every split of a split model, `file` first).
+pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInfo, GgufError> {
     let arch_key = "general.architecture";
     let arch = match file.get(arch_key) {
         None => {
@@ -255,14 +257,17 @@ pub(super) fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
     let mut total_bytes: u64 = 0;
     let mut expert_bytes: u64 = 0;
     let mut per_layer: BTreeMap<u32, u64> = BTreeMap::new();
-    for t in &file.tensors {
+    for (part, t) in parts
+        .iter()
+        .flat_map(|p| p.tensors.iter().map(move |t| (p, t)))
+    {
         // The reader bounded every tensor by the file size, so these sums fit.
         total_bytes = total_bytes.saturating_add(t.size);
         if !is_expert_tensor(&t.name) {
             continue;
         }
         let bad = |reason: String| GgufError::BadTensor {
-            path: file.path.clone(),
+            path: part.path.clone(),
             name: t.name.clone(),
             reason,
         };

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ModelSource};
-use crate::gguf::{GgufFile, ModelInfo};
+use crate::gguf::{GgufModel, ModelInfo};
 
 /// Everything the planner looks at.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,8 +41,14 @@ pub struct Snapshot {
 /// The model file and its header summary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelProbe {
+    /// The file the engine is given (the first split of a split model).
     pub path: PathBuf,
+    /// Bytes of all the model's files.
     pub file_size: u64,
+    /// Every file of a split model, the first one first; empty for a model in one file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<PathBuf>,
+    /// Summary over all the files.
     pub info: ModelInfo,
 }
 
@@ -134,17 +140,19 @@ pub async fn resolve_model(config: &Config) -> Result<ResolvedModel, ProbeError>
     }
 }
 
-/// Reads the model's header.
+/// Reads the model's header (the headers of every split of a split model).
 pub fn model(path: &Path) -> Result<ModelProbe, ProbeError> {
     let err = |err| ProbeError::Model {
         path: path.to_path_buf(),
         err,
     };
-    let file = GgufFile::open(path).map_err(err)?;
-    let info = ModelInfo::from_gguf(&file).map_err(err)?;
+    let files = GgufModel::open(path).map_err(err)?;
+    let info = ModelInfo::from_model(&files).map_err(err)?;
+    let paths = files.paths();
     Ok(ModelProbe {
         path: path.to_path_buf(),
-        file_size: file.file_size,
+        file_size: files.file_size(),
+        splits: if paths.len() > 1 { paths } else { Vec::new() },
         info,
     })
 }

@@ -202,12 +202,16 @@ pub struct LaunchSpec {
     pub binary: PathBuf,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// The model file's identity (device, inode, size, mtime): a replaced file restarts.
-    pub model_id: Option<(u64, u64, u64, i64, i64)>,
+    /// The identity (device, inode, size, mtime) of the model's file, or of every split
+    /// of a split model: a replaced file restarts.
+    pub model_id: Vec<Option<FileId>>,
 }
 
 /// Identity of a file: device, inode, size, mtime (s, ns).
-pub fn file_id(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+pub type FileId = (u64, u64, u64, i64, i64);
+
+/// The identity of the file at `path`, if it can be read.
+pub fn file_id(path: &Path) -> Option<FileId> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
@@ -278,7 +282,11 @@ pub async fn prepare(config: &Config) -> Result<Prepared, PrepareError> {
         binary,
         args: plan.args.clone(),
         env: config.engine.env.clone(),
-        model_id: file_id(&model.path),
+        model_id: if snapshot.model.splits.is_empty() {
+            vec![file_id(&model.path)]
+        } else {
+            snapshot.model.splits.iter().map(|p| file_id(p)).collect()
+        },
     };
     Ok(Prepared {
         config: config.clone(),
@@ -741,10 +749,12 @@ impl Supervisor {
         }
     }
 
-    /// The config, the applied model (and its Ollama manifest), and the model files of a
-    /// config that could not be prepared yet.
+    /// The config, the applied model (all its splits, and its Ollama manifest), and the
+    /// model files of a config that could not be prepared yet.
     fn watched_files(&self) -> Vec<PathBuf> {
         let mut v = vec![self.config_path.clone(), self.current.model.path.clone()];
+        // every split of a split model (the first one is the path above)
+        v.extend(self.current.snapshot.model.splits.iter().skip(1).cloned());
         if let Some(o) = &self.current.model.ollama {
             v.push(
                 o.reference
