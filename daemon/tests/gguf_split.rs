@@ -256,3 +256,32 @@ fn split_keys_that_do_not_add_up_are_refused() {
     let m = GgufModel::open(&p(1)).unwrap();
     assert_eq!(m.paths(), vec![p(1)]);
 }
+
+#[test]
+fn split_names_give_every_split() {
+    let d = Path::new("/m");
+    assert_eq!(
+        gguf::split_paths_by_name(&d.join("Qwen-A3B-Q4_K_M-00002-of-00003.gguf")),
+        Some(vec![
+            d.join("Qwen-A3B-Q4_K_M-00001-of-00003.gguf"),
+            d.join("Qwen-A3B-Q4_K_M-00002-of-00003.gguf"),
+            d.join("Qwen-A3B-Q4_K_M-00003-of-00003.gguf"),
+        ])
+    );
+    for not_split in [
+        "model.gguf",
+        "m-00001-of-00001.gguf",
+        "m-00000-of-00002.gguf",
+        "m-00003-of-00002.gguf",
+        "m-0001-of-00002.gguf",
+        "m-00001-of-00002.bin",
+        "-00001-of-00002.gguf",
+        "m-0000a-of-00002.gguf",
+    ] {
+        assert_eq!(
+            gguf::split_paths_by_name(&d.join(not_split)),
+            None,
+            "{not_split}"
+        );
+    }
+}

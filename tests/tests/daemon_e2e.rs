@@ -339,9 +339,11 @@ fn a_split_model_is_served_and_a_replaced_split_restarts_the_engine() {
     assert_ne!(s["engine"]["pid"].as_u64(), Some(pid));
     assert!(d.complete("Replaced split", 4).is_ok());
 
-    // A split going missing is reported and the engine keeps serving.
+    // A split going missing is reported and the engine keeps serving; when it is back,
+    // the model is applied again.
     let pid = s["engine"]["pid"].as_u64();
-    std::fs::remove_file(&splits[1]).unwrap();
+    let kept = other.path().join("kept");
+    std::fs::rename(&splits[1], &kept).unwrap();
     let s = d.wait_status("missing split reported", Duration::from_secs(30), |s| {
         s["config"]["error"]
             .as_str()
@@ -349,6 +351,12 @@ fn a_split_model_is_served_and_a_replaced_split_restarts_the_engine() {
     });
     assert_eq!(s["engine"]["pid"].as_u64(), pid);
     assert_eq!(s["engine"]["state"], "serving");
+    std::fs::copy(&kept, &part).unwrap();
+    std::fs::rename(&part, &splits[1]).unwrap();
+    d.wait_status("the split back, the model applied", SERVE, |s| {
+        s["config"]["error"].is_null() && s["engine"]["state"] == "serving"
+    });
+    assert!(d.complete("All splits back", 4).is_ok());
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
 }
 

@@ -24,7 +24,7 @@ mod write;
 pub use error::GgufError;
 pub use split::{
     GgufModel, SPLIT_COUNT_KEY, SPLIT_NO_KEY, SPLIT_TENSORS_KEY, SplitInfo, SplitWriteError,
-    split_info, split_paths, write_split,
+    split_info, split_paths, split_paths_by_name, write_split,
 };
 pub use write::{GgufLayout, TensorSpec, WriteError, layout};
 

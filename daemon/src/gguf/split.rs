@@ -128,6 +128,28 @@ pub fn split_paths(path: &Path, info: SplitInfo) -> Result<Vec<PathBuf>, GgufErr
         .collect())
 }
 
+/// Every split's path when `path`'s name has llama.cpp's split form
+/// (`PREFIX-NNNNN-of-MMMMM.gguf`, 1 <= NNNNN <= MMMMM, MMMMM >= 2), from the name alone; None
+/// otherwise. For watching the files of a model that cannot be read yet.
+pub fn split_paths_by_name(path: &Path) -> Option<Vec<PathBuf>> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".gguf")?;
+    // "-NNNNN-of-MMMMM": 15 ASCII bytes at the end
+    let cut = name.len().checked_sub(15)?;
+    let (prefix, tail) = (name.get(..cut)?, name.get(cut..)?);
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    let no = tail.strip_prefix('-')?.get(..5).filter(|s| digits(s))?;
+    let count = tail.get(6..)?.strip_prefix("-of-").filter(|s| digits(s))?;
+    let (no, count): (u32, u32) = (no.parse().ok()?, count.parse().ok()?);
+    if prefix.is_empty() || count < 2 || no == 0 || no > count {
+        return None;
+    }
+    Some(
+        (1..=count)
+            .map(|i| path.with_file_name(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+            .collect(),
+    )
+}
+
 /// A model's GGUF headers: one file, or every split of a split model in order.
 #[derive(Clone, Debug)]
 pub struct GgufModel {

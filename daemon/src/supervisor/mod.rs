@@ -797,10 +797,13 @@ impl Supervisor {
 }
 
 /// The files a config's model is read from, as far as they can be known without resolving
-/// it: the GGUF path, or the Ollama manifest in the config's model store.
+/// it: the GGUF path (every split's, when its name is that of a split), or the Ollama
+/// manifest in the config's model store.
 fn model_files(config: &Config) -> Vec<PathBuf> {
     match &config.model {
-        crate::config::ModelSource::Path(p) => vec![p.clone()],
+        crate::config::ModelSource::Path(p) => {
+            crate::gguf::split_paths_by_name(p).unwrap_or_else(|| vec![p.clone()])
+        }
         crate::config::ModelSource::Ollama(name) => crate::ollama::ModelRef::parse(name)
             .map(|r| vec![r.manifest_path(&config.ollama.models_dir)])
             .unwrap_or_default(),
