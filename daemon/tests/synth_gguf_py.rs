@@ -1,7 +1,7 @@
 //! Cross-check with upstream's own Python reader (vendor/llama.cpp/gguf-py): a generated
 //! model parses there with the same tensors (name, type, shape, absolute offset, bytes)
-//! and the same metadata, and upstream's dequantizers see the weight statistics our
-//! reference dequantizers see.
+//! and the same metadata, and upstream's dequantizers see the weights our reference
+//! dequantizers see (statistics, and a sum weighted by position), for every expert type.
 //!
 //! It needs python3 with numpy and PyYAML (scripts/setup.sh installs them) and the fetched
 //! vendor tree; it fails (does not skip) when a prerequisite is missing.
@@ -24,6 +24,7 @@ for t in r.tensors:
         "name": t.name, "type": int(t.tensor_type), "shape": [int(x) for x in t.shape],
         "offset": int(t.data_offset), "n_bytes": int(t.n_bytes),
         "mean": float(w.mean()), "std": float(w.std()),
+        "wsum": float((w.ravel() * (np.arange(w.size) % 97 + 1)).sum()),
     })
 for k, f in r.fields.items():
     if k.startswith("GGUF."):
@@ -46,7 +47,10 @@ fn upstream_python_reader_agrees() {
         py.display()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    for (i, ty) in [ExpertType::Q4K, ExpertType::Q8_0].into_iter().enumerate() {
+    for (i, ty) in [ExpertType::Q4K, ExpertType::Q8_0, ExpertType::Q4KM]
+        .into_iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("m{i}.gguf"));
         let mut cfg = SynthConfig::preset(Preset::Tiny);
         cfg.expert_type = ty;
@@ -87,6 +91,7 @@ fn upstream_python_reader_agrees() {
             let ours: Vec<f32> = match t.ggml_type {
                 GgmlType::Q4_K => quant::dequant_q4_k(raw),
                 GgmlType::Q8_0 => quant::dequant_q8_0(raw),
+                GgmlType::Q6_K => quant::dequant_q6_k(raw),
                 _ => raw
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -112,6 +117,18 @@ fn upstream_python_reader_agrees() {
             assert!(
                 (ps - std).abs() <= 1e-6 * (1.0 + std),
                 "{}: std {ps} vs {std}",
+                t.name
+            );
+            // and on where each weight is (a sum weighted by position)
+            let wsum: f64 = ours
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| f64::from(x) * ((i % 97) + 1) as f64)
+                .sum();
+            let pw = p["wsum"].as_f64().expect("wsum");
+            assert!(
+                (pw - wsum).abs() <= 1e-6 * (1.0 + wsum.abs() + std * n),
+                "{}: position-weighted sum {pw} vs {wsum}",
                 t.name
             );
         }

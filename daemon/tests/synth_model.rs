@@ -22,7 +22,8 @@ fn small(seed: u64) -> SynthConfig {
 #[test]
 fn round_trip_matches_manifest() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (i, expert_type) in [ExpertType::Q4K, ExpertType::Q8_0].into_iter().enumerate() {
+    let types = [ExpertType::Q4K, ExpertType::Q8_0, ExpertType::Q4KM];
+    for (i, expert_type) in types.into_iter().enumerate() {
         let path = dir.path().join(format!("m{i}.gguf"));
         let mut cfg = SynthConfig::preset(Preset::Tiny);
         cfg.expert_type = expert_type;
@@ -52,28 +53,46 @@ fn round_trip_matches_manifest() {
         assert_eq!(info.context_length, u64::from(cfg.ctx));
         assert_eq!(info.expert_count, cfg.n_expert);
         assert_eq!(info.expert_used_count, cfg.n_expert_used);
-        let ty = expert_type.ggml();
-        let row = |n: u32| ty.row_bytes(u64::from(n)).expect("row");
-        let one_expert = 2 * row(cfg.n_embd) * u64::from(cfg.expert_ffn)
-            + row(cfg.expert_ffn) * u64::from(cfg.n_embd);
-        let expected: BTreeMap<u32, u64> = (0..cfg.layers).map(|l| (l, one_expert)).collect();
+        let one_expert = |l: u32| {
+            let row = |down: bool, n: u32| {
+                expert_type
+                    .ggml(down, l)
+                    .row_bytes(u64::from(n))
+                    .expect("row")
+            };
+            2 * row(false, cfg.n_embd) * u64::from(cfg.expert_ffn)
+                + row(true, cfg.expert_ffn) * u64::from(cfg.n_embd)
+        };
+        let expected: BTreeMap<u32, u64> = (0..cfg.layers).map(|l| (l, one_expert(l))).collect();
         assert_eq!(info.expert_bytes_per_layer, expected);
         assert_eq!(
             info.expert_bytes,
-            one_expert * u64::from(cfg.n_expert * cfg.layers)
+            (0..cfg.layers).map(one_expert).sum::<u64>() * u64::from(cfg.n_expert)
         );
+        if expert_type == ExpertType::Q4KM {
+            // down is Q6_K in even layers: the layers' experts differ in size
+            assert_eq!(
+                f.tensor("blk.0.ffn_down_exps.weight").unwrap().ggml_type,
+                GgmlType::Q6_K
+            );
+            assert_eq!(
+                f.tensor("blk.1.ffn_down_exps.weight").unwrap().ggml_type,
+                GgmlType::Q4_K
+            );
+            assert!(one_expert(0) > one_expert(1));
+        }
         assert_eq!(
             info.kv_bytes_per_token_f16,
             2 * 2 * u64::from(cfg.layers * cfg.n_head_kv * cfg.head_dim())
         );
         assert_eq!(info.total_bytes, f.tensor_bytes());
     }
-    // Only the two models are left in the directory: no temp files.
+    // Only the models are left in the directory: no temp files.
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), types.len(), "{names:?}");
 }
 
 /// The tensors and keys the pinned qwen3moe loader asks for (src/models/qwen3moe.cpp,
@@ -193,6 +212,7 @@ fn dequant(bytes: &[u8], ty: GgmlType) -> Vec<f32> {
     match ty {
         GgmlType::Q4_K => quant::dequant_q4_k(bytes),
         GgmlType::Q8_0 => quant::dequant_q8_0(bytes),
+        GgmlType::Q6_K => quant::dequant_q6_k(bytes),
         GgmlType::F32 => bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

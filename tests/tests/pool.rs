@@ -166,6 +166,14 @@ fn pool_is_bit_exact_on_tiny_q8_0() {
 }
 
 #[test]
+fn pool_is_bit_exact_on_tiny_q4_k_m() {
+    // Mixed like llama.cpp's Q4_K_M files: gate and up Q4_K, down Q6_K in even layers, so
+    // a layer's projections differ in size and layout (on x86 Q4_K slots are repacked,
+    // Q6_K ones are plain memory the pool writes itself), and the layers differ.
+    check_exact(Preset::Tiny, ExpertType::Q4KM, &[4, 8, 32], &[4], &[4]);
+}
+
+#[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
     check_exact(
         Preset::Mid,

@@ -41,6 +41,10 @@ pub enum ExpertTypeArg {
     /// Q8_0 (rows must be multiples of 32).
     #[value(name = "q8_0")]
     Q8_0,
+    /// Mixed like llama.cpp's Q4_K_M: gate and up Q4_K, down Q6_K in even layers and
+    /// Q4_K in odd ones (rows must be multiples of 256).
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 /// Options of `expertd synth`; explicit options override the preset.
@@ -165,6 +169,7 @@ impl SynthArgs {
             c.expert_type = match t {
                 ExpertTypeArg::Q4K => ExpertType::Q4K,
                 ExpertTypeArg::Q8_0 => ExpertType::Q8_0,
+                ExpertTypeArg::Q4KM => ExpertType::Q4KM,
             };
         }
         c

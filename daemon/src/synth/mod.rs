@@ -59,20 +59,29 @@ pub enum ExpertType {
     Q4K,
     /// Q8_0: rows must be multiples of 32.
     Q8_0,
+    /// Mixed, as llama.cpp's Q4_K_M files mix them: gate and up Q4_K, down Q6_K in even
+    /// layers and Q4_K in odd ones (so expert sizes differ by projection and by layer);
+    /// rows must be multiples of 256.
+    Q4KM,
 }
 
 impl std::fmt::Display for ExpertType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.ggml())
+        match self {
+            ExpertType::Q4KM => f.write_str("q4_K_M"),
+            _ => write!(f, "{}", self.ggml(false, 0)),
+        }
     }
 }
 
 impl ExpertType {
-    /// The ggml type.
-    pub fn ggml(self) -> GgmlType {
+    /// The ggml type of layer `layer`'s gate and up (`down` false) or down experts.
+    pub fn ggml(self, down: bool, layer: u32) -> GgmlType {
         match self {
             ExpertType::Q4K => GgmlType::Q4_K,
             ExpertType::Q8_0 => GgmlType::Q8_0,
+            ExpertType::Q4KM if down && layer % 2 == 0 => GgmlType::Q6_K,
+            ExpertType::Q4KM => GgmlType::Q4_K,
         }
     }
 }
@@ -302,6 +311,7 @@ impl SynthConfig {
         let (block, ty) = match self.expert_type {
             ExpertType::Q4K => (256, "q4_K"),
             ExpertType::Q8_0 => (32, "q8_0"),
+            ExpertType::Q4KM => (256, "q4_K and q6_K"),
         };
         for (what, n) in [("--embd", self.n_embd), ("--expert-ffn", self.expert_ffn)] {
             if n == 0 || n % block != 0 {
@@ -412,7 +422,6 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
     let n_ff = u64::from(c.expert_ffn);
     let n_exp = u64::from(c.n_expert);
     let q8 = GgmlType::Q8_0;
-    let ex = c.expert_type.ggml();
     let inv_sqrt = |n: u64| 1.0 / (n as f64).sqrt();
     let quant = |std: f64| Fill::Quant {
         std,
@@ -511,6 +520,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 skew: f64::from(c.router_skew),
             },
         ));
+        let ex = c.expert_type.ggml(false, l);
         v.push(t(
             n("ffn_gate_exps"),
             vec![n_embd, n_ff, n_exp],
@@ -526,7 +536,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         v.push(t(
             n("ffn_down_exps"),
             vec![n_ff, n_embd, n_exp],
-            ex,
+            c.expert_type.ggml(true, l),
             quant(inv_sqrt(n_ff)),
         ));
     }
@@ -548,7 +558,7 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
         (
             "general.file_type".into(),
             Value::U32(match c.expert_type {
-                ExpertType::Q4K => 15,
+                ExpertType::Q4K | ExpertType::Q4KM => 15,
                 ExpertType::Q8_0 => 7,
             }),
         ),
@@ -716,10 +726,10 @@ fn generate(seed: u64, info: &TensorInfo, fill: Fill, chunk: &Chunk) -> Vec<u8> 
                 } else {
                     std
                 };
-                if info.ggml_type == GgmlType::Q4_K {
-                    quant::q4_k_row(&mut r, n, std, &mut out);
-                } else {
-                    quant::q8_0_row(&mut r, n, std, &mut out);
+                match info.ggml_type {
+                    GgmlType::Q4_K => quant::q4_k_row(&mut r, n, std, &mut out),
+                    GgmlType::Q6_K => quant::q6_k_row(&mut r, n, std, &mut out),
+                    _ => quant::q8_0_row(&mut r, n, std, &mut out),
                 }
             }
         }

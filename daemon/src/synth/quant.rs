@@ -13,6 +13,12 @@ pub const Q4_K_BLOCK: usize = 256;
 /// Bytes per Q4_K super-block: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 nibble bytes.
 pub const Q4_K_BYTES: usize = 144;
 
+/// Elements per Q6_K super-block.
+pub const Q6_K_BLOCK: usize = 256;
+/// Bytes per Q6_K super-block: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8
+/// scales, f16 d.
+pub const Q6_K_BYTES: usize = 210;
+
 /// Standard deviation of a Q8_0 quant drawn uniformly from -127..=127 with 0 taking
 /// the place of -128 (so the mean is exactly 0): sqrt(sum k^2 / 256).
 const Q8_STD: f64 = 73.467_254_950_258_6;
@@ -21,6 +27,10 @@ const Q8_STD: f64 = 73.467_254_950_258_6;
 const Q4K_SCALE: u8 = 8;
 const Q4K_MIN: u8 = 60;
 const Q4K_STD_PER_D: f64 = 36.878_177_829_171_55;
+/// Every Q6_K sub-block uses scale 16, and the 6-bit quant q is uniform over 1..=63 (0
+/// replaced by 32), so a weight is 16d (q - 32): zero mean, std 16d * sqrt(20832 / 64).
+const Q6K_SCALE: i8 = 16;
+const Q6K_STD_PER_D: f64 = 288.665_896_842_699_45;
 
 /// f32 -> IEEE half bits, round to nearest even (overflow to infinity, NaN kept NaN).
 pub fn f32_to_f16(x: f32) -> u16 {
@@ -127,6 +137,66 @@ pub fn q4_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends one row of `n` Q6_K weights (n a multiple of 256) with standard deviation `std`.
+pub fn q6_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
+    let d = f32_to_f16((std / Q6K_STD_PER_D) as f32).to_le_bytes();
+    let mut q = [0u8; Q6_K_BLOCK];
+    for _ in 0..n / Q6_K_BLOCK {
+        rng.fill_bytes(&mut q);
+        for x in &mut q {
+            *x &= 63;
+            if *x == 0 {
+                *x = 32; // keeps the mean at exactly 0
+            }
+        }
+        // ggml's layout: two halves of 128 weights; in each, byte l of ql holds weights
+        // l and l + 64 (low nibbles), byte l + 32 weights l + 32 and l + 96, and byte l
+        // of qh the high 2 bits of weights l, l + 32, l + 64, l + 96.
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        for h in 0..2 {
+            let y = &q[128 * h..128 * h + 128];
+            for l in 0..32 {
+                let (q1, q2, q3, q4) = (y[l], y[l + 32], y[l + 64], y[l + 96]);
+                ql[64 * h + l] = (q1 & 0xf) | ((q3 & 0xf) << 4);
+                ql[64 * h + l + 32] = (q2 & 0xf) | ((q4 & 0xf) << 4);
+                qh[32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            }
+        }
+        out.extend_from_slice(&ql);
+        out.extend_from_slice(&qh);
+        out.extend_from_slice(&[Q6K_SCALE as u8; 16]);
+        out.extend_from_slice(&d);
+    }
+}
+
+/// Dequantizes Q6_K blocks the way ggml's `dequantize_row_q6_K` does (reference, for
+/// tests).
+pub fn dequant_q6_k(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(Q6_K_BYTES) {
+        let (ql, rest) = b.split_at(128);
+        let (qh, rest) = rest.split_at(64);
+        let (sc, d) = rest.split_at(16);
+        let d = f16_to_f32(u16::from_le_bytes([d[0], d[1]]));
+        for h in 0..2 {
+            let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &sc[8 * h..]);
+            let mut y = [0f32; 128];
+            for l in 0..32 {
+                let is = l / 16;
+                let q = |lo: u8, shift: u8| i32::from(lo | ((qh[l] >> shift) & 3) << 4) - 32;
+                let s = |i: usize| d * f32::from(sc[i] as i8);
+                y[l] = s(is) * q(ql[l] & 0xf, 0) as f32;
+                y[l + 32] = s(is + 2) * q(ql[l + 32] & 0xf, 2) as f32;
+                y[l + 64] = s(is + 4) * q(ql[l] >> 4, 4) as f32;
+                y[l + 96] = s(is + 6) * q(ql[l + 32] >> 4, 6) as f32;
+            }
+            out.extend_from_slice(&y);
+        }
+    }
+    out
+}
+
 /// Dequantizes Q8_0 blocks (reference, for tests).
 pub fn dequant_q8_0(bytes: &[u8]) -> Vec<f32> {
     let mut out = Vec::new();
@@ -231,6 +301,28 @@ mod tests {
         let (mean, std) = stats(&dequant_q8_0(&buf));
         assert!(mean.abs() < 0.05 * 0.01, "mean {mean}");
         assert!((std / 0.05 - 1.0).abs() < 0.01, "std {std}");
+    }
+
+    #[test]
+    fn q6_k_blocks_have_requested_std() {
+        let mut rng = Rng::new(4);
+        let mut buf = Vec::new();
+        q6_k_row(&mut rng, 256 * 512, 0.02, &mut buf);
+        assert_eq!(buf.len(), 512 * Q6_K_BYTES);
+        let w = dequant_q6_k(&buf);
+        assert_eq!(w.len(), 256 * 512);
+        let (mean, std) = stats(&w);
+        assert!(mean.abs() < 0.02 * 0.01, "mean {mean}");
+        assert!((std / 0.02 - 1.0).abs() < 0.01, "std {std}");
+        // every weight is 16 d (q - 32) with q in 1..=63
+        let d = f16_to_f32(f32_to_f16((0.02 / Q6K_STD_PER_D) as f32));
+        for &x in &w {
+            let k = x / (16.0 * d);
+            assert!(
+                (k - k.round()).abs() < 1e-3 && (-31.0..=31.0).contains(&k),
+                "{x}"
+            );
+        }
     }
 
     #[test]
