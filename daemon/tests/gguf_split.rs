@@ -72,7 +72,10 @@ fn a_split_model_reads_back_as_the_whole_model() {
                 .sum::<u64>()
         );
         // All metadata in the first file, only the split keys (and alignment) in the
-        // others; every tensor in exactly one file, with its bytes.
+        // others; every tensor in exactly one file, with its bytes; runs of about equal
+        // bytes (within one tensor of an equal share).
+        let largest = whole.tensors.iter().map(|t| t.size).max().unwrap();
+        let share = whole.tensor_bytes() / u64::from(count);
         let mut seen = 0;
         for (no, f) in model.files().enumerate() {
             let split = gguf::split_info(f).unwrap().unwrap();
@@ -84,8 +87,23 @@ fn a_split_model_reads_back_as_the_whole_model() {
             if no == 0 {
                 assert_eq!(f.metadata.len(), whole.metadata.len() + 3);
             } else {
-                assert!(f.get("general.architecture").is_none());
+                let allowed = [
+                    "split.no",
+                    "split.count",
+                    "split.tensors.count",
+                    "general.alignment",
+                ];
+                assert!(
+                    f.metadata.keys().all(|k| allowed.contains(&k.as_str())),
+                    "{:?}",
+                    f.metadata.keys()
+                );
             }
+            assert!(
+                f.tensor_bytes().abs_diff(share) <= largest,
+                "split {no}: {} bytes, share {share}",
+                f.tensor_bytes()
+            );
             for t in &f.tensors {
                 assert_eq!(
                     tensor_bytes(f, &t.name),
@@ -106,7 +124,7 @@ fn a_split_model_reads_back_as_the_whole_model() {
         // One file alone is not summarised as if it were the model.
         let e = ModelInfo::from_gguf(model.files().next().unwrap()).unwrap_err();
         assert!(
-            matches!(e, GgufError::BadSplit { .. }) && e.to_string().contains("split 1 of"),
+            matches!(e, GgufError::SplitPart { no: 1, .. }) && e.path() == paths[0],
             "{e}"
         );
         for p in &paths {
@@ -119,17 +137,76 @@ fn a_split_model_reads_back_as_the_whole_model() {
 }
 
 #[test]
+fn every_split_count_gives_nonempty_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small(dir.path(), "m.gguf");
+    let whole = GgufFile::open(&path).unwrap();
+    let info = ModelInfo::from_gguf(&whole).unwrap();
+    let n = whole.tensors.len() as u16;
+    for count in [n - 1, n] {
+        let paths = gguf::write_split(&path, count).unwrap();
+        let model = GgufModel::open(&paths[0]).unwrap();
+        assert!(model.files().all(|f| !f.tensors.is_empty()), "{count}");
+        assert_eq!(ModelInfo::from_model(&model).unwrap(), info);
+        for p in &paths {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+}
+
+#[test]
 fn split_write_refuses_what_it_cannot_do() {
     let dir = tempfile::tempdir().unwrap();
     let path = small(dir.path(), "m.gguf");
     let n = GgufFile::open(&path).unwrap().tensors.len();
     for count in [0u16, 1, n as u16 + 1] {
         let e = gguf::write_split(&path, count).unwrap_err().to_string();
-        assert!(e.contains(&format!("into {count} files")), "{e}");
+        assert!(
+            e.starts_with(&path.display().to_string())
+                && e.contains(&format!("into {count} files")),
+            "{e}"
+        );
     }
     let paths = gguf::write_split(&path, 2).unwrap();
     let e = gguf::write_split(&paths[0], 2).unwrap_err().to_string();
     assert!(e.contains("already a split file"), "{e}");
+}
+
+/// A file `gguf-split --merge` made keeps `split.no`, `split.tensors.count` and a
+/// `split.count` of 0: a whole model, which splits again (its old keys replaced).
+#[test]
+fn a_merged_model_splits_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small(dir.path(), "m.gguf");
+    let f = GgufFile::open(&path).unwrap();
+    let mut md: Vec<(String, Value)> = f
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    md.extend(split_keys(0, 0, f.tensors.len() as i32));
+    let specs: Vec<TensorSpec> = f
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml_type: t.ggml_type,
+        })
+        .collect();
+    let lay = gguf::layout(&md, &specs).unwrap();
+    let merged = dir.path().join("merged.gguf");
+    let out = std::fs::File::create(&merged).unwrap();
+    out.set_len(lay.file_size).unwrap();
+    out.write_all_at(&lay.header, 0).unwrap();
+    for (from, to) in f.tensors.iter().zip(&lay.tensors) {
+        out.write_all_at(&tensor_bytes(&f, &from.name), lay.data_offset + to.offset)
+            .unwrap();
+    }
+    let info = ModelInfo::from_gguf(&GgufFile::open(&merged).unwrap()).unwrap();
+    let paths = gguf::write_split(&merged, 2).unwrap();
+    let model = GgufModel::open(&paths[0]).unwrap();
+    assert_eq!(ModelInfo::from_model(&model).unwrap(), info);
 }
 
 #[test]
@@ -137,51 +214,77 @@ fn broken_split_sets_are_named_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = small(dir.path(), "m.gguf");
     let paths = gguf::write_split(&path, 3).unwrap();
-    let msg = |e: GgufError| {
-        assert!(matches!(e, GgufError::BadSplit { .. }), "{e:?}");
+    // Every message starts with the file it is about.
+    let about = |e: &GgufError, p: &Path| {
+        assert_eq!(e.path(), p, "{e}");
+        assert!(e.to_string().starts_with(&p.display().to_string()), "{e}");
         e.to_string()
     };
 
     // A later split given instead of the first.
-    let e = msg(refused(&paths[1]));
-    assert!(e.starts_with(&paths[1].display().to_string()), "{e}");
+    let e = refused(&paths[1]);
     assert!(
-        e.contains("this is split 2 of 3") && e.contains(&paths[0].display().to_string()),
-        "{e}"
+        matches!(
+            e,
+            GgufError::SplitNotFirst {
+                no: 2,
+                count: 3,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let m = about(&e, &paths[1]);
+    assert!(
+        m.contains(&format!("first split, {}", paths[0].display())),
+        "{m}"
     );
 
     // A missing split.
     let moved = dir.path().join("away.gguf");
     std::fs::rename(&paths[2], &moved).unwrap();
-    let e = msg(refused(&paths[0]));
+    let e = refused(&paths[0]);
     assert!(
-        e.starts_with(&paths[2].display().to_string()) && e.contains("missing: split 3 of 3"),
-        "{e}"
+        matches!(
+            e,
+            GgufError::SplitMissing {
+                no: 3,
+                count: 3,
+                ..
+            }
+        ),
+        "{e:?}"
     );
+    let m = about(&e, &paths[2]);
+    assert!(m.contains("missing: split 3 of 3"), "{m}");
     std::fs::rename(&moved, &paths[2]).unwrap();
     GgufModel::open(&paths[0]).unwrap();
 
     // A first split renamed so that the others cannot be found.
     let renamed = dir.path().join("renamed.gguf");
     std::fs::copy(&paths[0], &renamed).unwrap();
-    let e = msg(refused(&renamed));
-    assert!(e.contains("does not end in '-00001-of-00003.gguf'"), "{e}");
+    let e = refused(&renamed);
+    assert!(matches!(e, GgufError::SplitName { .. }), "{e:?}");
+    let m = about(&e, &renamed);
+    assert!(m.contains("does not end in '-00001-of-00003.gguf'"), "{m}");
 
     // A split of a two-file set standing in for split 2 of three.
     let other_dir = tempfile::tempdir().unwrap();
     let other = small(other_dir.path(), "m.gguf");
     let two = gguf::write_split(&other, 2).unwrap();
     std::fs::copy(&two[1], &paths[1]).unwrap();
-    let e = msg(refused(&paths[0]));
+    let e = refused(&paths[0]);
+    assert!(matches!(e, GgufError::SplitMismatch { no: 2, .. }), "{e:?}");
+    let m = about(&e, &paths[1]);
     assert!(
-        e.starts_with(&paths[1].display().to_string())
-            && e.contains("says it is split 2 of 2, expected split 2 of 3"),
-        "{e}"
+        m.contains("says it is split 2 of 2, expected split 2 of 3"),
+        "{m}"
     );
     // A whole model standing in for split 2.
     std::fs::copy(&other, &paths[1]).unwrap();
-    let e = msg(refused(&paths[0]));
-    assert!(e.contains("has no split.count key"), "{e}");
+    let e = refused(&paths[0]);
+    let m = about(&e, &paths[1]);
+    assert!(m.contains("a whole model, not a split"), "{m}");
 }
 
 /// Writes a header-only file (tensor data zero) with these keys and tensors.
@@ -216,31 +319,51 @@ fn split_keys_that_do_not_add_up_are_refused() {
     // The tensor count of the set is not what the files hold.
     write_raw(&p(1), &split_keys(0, 2, 5), &["a", "b"]);
     write_raw(&p(2), &split_keys(1, 2, 5), &["c", "d"]);
-    let e = refused(&p(1)).to_string();
+    let e = refused(&p(1));
+    assert_eq!(e.path(), p(1));
     assert!(
-        e.contains("split.tensors.count is 5 but the 2 splits hold 4 tensors"),
+        e.to_string()
+            .contains("split.tensors.count is 5 but the 2 splits hold 4 tensors"),
         "{e}"
     );
 
     // A tensor in two files.
     write_raw(&p(1), &split_keys(0, 2, 3), &["a", "b"]);
     write_raw(&p(2), &split_keys(1, 2, 3), &["b"]);
-    let e = refused(&p(1)).to_string();
+    let e = refused(&p(1));
+    assert_eq!(e.path(), p(2));
     assert!(
-        e.starts_with(&p(2).display().to_string())
-            && e.contains("tensor 'b' is also in an earlier split"),
+        e.to_string()
+            .contains("tensor 'b' is also in an earlier split"),
         "{e}"
     );
 
-    // Keys of the wrong type or out of range, and missing keys.
+    // Keys of another type than llama.cpp's (it refuses them too), out of range, missing.
+    for (i, wrong) in [Value::String("two".into()), Value::U32(2), Value::I32(2)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut md = split_keys(0, 2, 2);
+        md[1].1 = wrong;
+        write_raw(&p(1), &md, &["a"]);
+        let e = refused(&p(1));
+        assert!(
+            matches!(&e, GgufError::BadKey { key, .. } if key == "split.count")
+                && e.to_string().contains("expected u16"),
+            "case {i}: {e}"
+        );
+    }
     let mut md = split_keys(0, 2, 2);
-    md[1].1 = Value::String("two".into());
+    md[2].1 = Value::U32(2);
     write_raw(&p(1), &md, &["a"]);
     let e = refused(&p(1));
     assert!(
-        matches!(&e, GgufError::BadKey { key, .. } if key == "split.count"),
+        matches!(&e, GgufError::BadKey { key, .. } if key == "split.tensors.count"),
         "{e}"
     );
+    write_raw(&p(1), &split_keys(0, 2, -1), &["a"]);
+    let e = refused(&p(1)).to_string();
+    assert!(e.contains("-1 is negative"), "{e}");
     write_raw(&p(1), &split_keys(2, 2, 2), &["a"]);
     let e = refused(&p(1)).to_string();
     assert!(e.contains("split 2 (0-based) of 2 is out of range"), "{e}");
@@ -268,14 +391,22 @@ fn split_names_give_every_split() {
             d.join("Qwen-A3B-Q4_K_M-00003-of-00003.gguf"),
         ])
     );
+    // llama.cpp takes the prefix from the whole path
+    assert_eq!(
+        gguf::split_paths_by_name(&d.join("-00001-of-00002.gguf")),
+        Some(vec![
+            d.join("-00001-of-00002.gguf"),
+            d.join("-00002-of-00002.gguf")
+        ])
+    );
     for not_split in [
         "model.gguf",
+        "m-00001-of-99999.gguf",
         "m-00001-of-00001.gguf",
         "m-00000-of-00002.gguf",
         "m-00003-of-00002.gguf",
         "m-0001-of-00002.gguf",
         "m-00001-of-00002.bin",
-        "-00001-of-00002.gguf",
         "m-0000a-of-00002.gguf",
     ] {
         assert_eq!(

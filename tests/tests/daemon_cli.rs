@@ -213,7 +213,7 @@ fn synth_splits_a_model_and_gguf_reads_it_whole() {
     let second = dir.path().join("s-00002-of-00003.gguf");
     let later = json(&second);
     let e = later["model_error"].as_str().unwrap();
-    assert!(e.contains("give the first one"), "{e}");
+    assert!(e.contains("opened from its first split"), "{e}");
 
     let out = run(&["synth", "--splits", "1", "-o", split.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

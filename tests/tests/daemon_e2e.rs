@@ -353,10 +353,49 @@ fn a_split_model_is_served_and_a_replaced_split_restarts_the_engine() {
     assert_eq!(s["engine"]["state"], "serving");
     std::fs::copy(&kept, &part).unwrap();
     std::fs::rename(&part, &splits[1]).unwrap();
-    d.wait_status("the split back, the model applied", SERVE, |s| {
-        s["config"]["error"].is_null() && s["engine"]["state"] == "serving"
+    // (a copy: another file, so the engine restarts on it)
+    let s = d.wait_status("the split back, the model applied", SERVE, |s| {
+        s["config"]["error"].is_null()
+            && s["engine"]["replans"] == 2
+            && s["engine"]["state"] == "serving"
     });
+    assert_ne!(s["engine"]["pid"].as_u64(), pid);
     assert!(d.complete("All splits back", 4).is_ok());
+
+    // The config names another split model whose second split is still downloading:
+    // reported; when it arrives, applied (the new model's splits are watched by name).
+    let third = tempfile::tempdir().unwrap();
+    let third_whole = third.path().join("next.gguf");
+    write_tiny_model(&third_whole, 9);
+    let next = expertd::gguf::write_split(&third_whole, 2).unwrap();
+    let held = other.path().join("held");
+    std::fs::rename(&next[1], &held).unwrap();
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let model_line = format!("model = {:?}", splits[0].display().to_string());
+    assert!(text.contains(&model_line), "{text}");
+    d.write_config(&text.replace(
+        &model_line,
+        &format!("model = {:?}", next[0].display().to_string()),
+    ));
+    d.wait_status(
+        "the new model's missing split reported",
+        Duration::from_secs(30),
+        |s| {
+            s["config"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("missing: split 2 of 2"))
+        },
+    );
+    let part = third.path().join("part");
+    std::fs::copy(&held, &part).unwrap();
+    std::fs::rename(&part, &next[1]).unwrap();
+    let s = d.wait_status("the new split model applied", SERVE, |s| {
+        s["config"]["error"].is_null()
+            && s["engine"]["replans"] == 3
+            && s["engine"]["state"] == "serving"
+    });
+    assert_eq!(s["model"]["path"], next[0].display().to_string());
+    assert!(d.complete("Next model", 4).is_ok());
     assert_eq!(d.terminate(Duration::from_secs(30)), Some(0));
 }
 

@@ -24,12 +24,14 @@ pub struct GgufArgs {
 pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
     // The errors name the file and the reason already.
     let file = GgufFile::open(&args.file)?;
-    let split = split_info(&file)?;
-    // (the model summary, the files it was read from)
-    let info: Result<(ModelInfo, Vec<PathBuf>), GgufError> = match split {
-        None => ModelInfo::from_gguf(&file).map(|i| (i, vec![file.path.clone()])),
-        Some(_) => GgufModel::open(&args.file)
+    // (the model summary, the files it was read from); a malformed split key is a model
+    // error like any other, printed after the header
+    let split = split_info(&file).ok().flatten();
+    let info: Result<(ModelInfo, Vec<PathBuf>), GgufError> = match split_info(&file) {
+        Ok(None) => ModelInfo::from_gguf(&file).map(|i| (i, vec![file.path.clone()])),
+        Ok(Some(_)) => GgufModel::open(&args.file)
             .and_then(|m| ModelInfo::from_model(&m).map(|i| (i, m.paths()))),
+        Err(e) => Err(e),
     };
     if args.json {
         let mut v = serde_json::json!({ "file": &file });

@@ -115,7 +115,8 @@ pub struct SynthArgs {
     /// Generator threads (default: available cores, at most 4).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Print the manifest (config, tensors, offsets) as JSON on stdout.
+    /// Print the manifest (config, tensors, offsets) as JSON on stdout (with `--splits`:
+    /// the offsets of the unsplit file, and the splits' paths under "splits").
     #[arg(long)]
     pub json: bool,
     /// Split the model into this many files, as llama.cpp's gguf-split does:
@@ -219,7 +220,12 @@ pub fn run(args: SynthArgs) -> anyhow::Result<ExitCode> {
         .copied()
         .unwrap_or(0);
     println!(
-        "wrote {} ({} bytes, {:.2} GiB) in {secs:.1}s with {threads} threads",
+        "{} {} ({} bytes, {:.2} GiB) in {secs:.1}s with {threads} threads",
+        if splits.is_empty() {
+            "wrote"
+        } else {
+            "generated and split"
+        },
         args.output.display(),
         manifest.file_size,
         manifest.file_size as f64 / f64::from(1u32 << 30)

@@ -305,14 +305,91 @@ pub enum GgufError {
         /// What is wrong.
         reason: String,
     },
-    /// A file of a model split over several GGUF files (`split.*` keys) does not belong
-    /// with the others, or cannot be found.
-    #[error("{path}: split model: {reason}")]
-    BadSplit {
+    /// A later split of a split model was given where the model is opened from its first.
+    #[error(
+        "{path}: split {no} of {count}: a split model is opened from its first split{}",
+        first.as_ref().map(|f| format!(", {}", f.display())).unwrap_or_default()
+    )]
+    SplitNotFirst {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// Its 1-based split number.
+        no: u32,
+        /// Splits in the model.
+        count: u16,
+        /// The first split's path, when the name says it.
+        first: Option<PathBuf>,
+    },
+    /// A split's name does not say where the other splits are.
+    #[error(
+        "{path}: split {no} of {count}, but the file name does not end in '{suffix}', so the \
+         other splits cannot be found (llama.cpp names them PREFIX-NNNNN-of-MMMMM.gguf)"
+    )]
+    SplitName {
+        /// The file.
+        path: PathBuf,
+        /// Its 1-based split number.
+        no: u32,
+        /// Splits in the model.
+        count: u16,
+        /// The ending its name needs.
+        suffix: String,
+    },
+    /// A split of the model is not there.
+    #[error("{path}: missing: split {no} of {count} of {}", first.display())]
+    SplitMissing {
+        /// The missing file.
+        path: PathBuf,
+        /// Its 1-based split number.
+        no: u32,
+        /// Splits in the model.
+        count: u16,
+        /// The model's first split.
+        first: PathBuf,
+    },
+    /// A file in a split's place is not that split of this model.
+    #[error("{path}: {found}, expected split {no} of {count}")]
+    SplitMismatch {
+        /// The file.
+        path: PathBuf,
+        /// What it says it is.
+        found: String,
+        /// The 1-based split number expected.
+        no: u32,
+        /// Splits in the model.
+        count: u16,
+    },
+    /// A tensor is in two splits.
+    #[error("{path}: tensor '{name}' is also in an earlier split")]
+    SplitDuplicateTensor {
+        /// The later file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+    },
+    /// `split.tensors.count` is not what the splits hold.
+    #[error(
+        "{path}: split.tensors.count is {expected} but the {count} splits hold {found} tensors"
+    )]
+    SplitTensorCount {
+        /// The first split.
+        path: PathBuf,
+        /// `split.tensors.count`.
+        expected: u64,
+        /// Tensors found.
+        found: u64,
+        /// Splits in the model.
+        count: u16,
+    },
+    /// One file of a split model summarised as if it were the model.
+    #[error("{path}: split {no} of {count}: a split model is summarised from all its files")]
+    SplitPart {
+        /// The file.
+        path: PathBuf,
+        /// Its 1-based split number.
+        no: u32,
+        /// Splits in the model.
+        count: u16,
     },
 }
 
@@ -354,7 +431,13 @@ impl GgufError {
             | GgufError::MissingKey { path, .. }
             | GgufError::BadKey { path, .. }
             | GgufError::BadTensor { path, .. }
-            | GgufError::BadSplit { path, .. } => path,
+            | GgufError::SplitNotFirst { path, .. }
+            | GgufError::SplitName { path, .. }
+            | GgufError::SplitMissing { path, .. }
+            | GgufError::SplitMismatch { path, .. }
+            | GgufError::SplitDuplicateTensor { path, .. }
+            | GgufError::SplitTensorCount { path, .. }
+            | GgufError::SplitPart { path, .. } => path,
         }
     }
 }

@@ -319,13 +319,10 @@ impl ModelInfo {
     /// model): read those with [`GgufModel::open`] and [`ModelInfo::from_model`].
     pub fn from_gguf(file: &GgufFile) -> Result<ModelInfo, GgufError> {
         if let Some(s) = split_info(file)? {
-            return Err(GgufError::BadSplit {
+            return Err(GgufError::SplitPart {
                 path: file.path.clone(),
-                reason: format!(
-                    "split {} of {}: a split model is summarised from all its files",
-                    u32::from(s.no) + 1,
-                    s.count
-                ),
+                no: u32::from(s.no) + 1,
+                count: s.count,
             });
         }
         model::from_gguf(file, &[file])

@@ -40,7 +40,8 @@ pub struct SplitInfo {
 }
 
 /// The file's place in a split model, or None when it is a whole model (no
-/// `split.count`, or a count of 0 or 1, as llama.cpp reads it).
+/// `split.count`, or a count of 0 or 1, as llama.cpp reads it). The keys must have
+/// llama.cpp's types (u16, u16, i32): the engine refuses a file with any other.
 pub fn split_info(file: &GgufFile) -> Result<Option<SplitInfo>, GgufError> {
     let bad = |key: &str, reason: String| GgufError::BadKey {
         path: file.path.clone(),
@@ -50,19 +51,14 @@ pub fn split_info(file: &GgufFile) -> Result<Option<SplitInfo>, GgufError> {
     let u16_key = |key: &str| -> Result<Option<u16>, GgufError> {
         match file.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|x| u16::try_from(x).ok())
-                .map(Some)
-                .ok_or_else(|| {
-                    bad(
-                        key,
-                        format!(
-                            "expected an integer in 0..=65535, found {} {v:?}",
-                            v.type_name()
-                        ),
-                    )
-                }),
+            Some(Value::U16(v)) => Ok(Some(*v)),
+            Some(v) => Err(bad(
+                key,
+                format!(
+                    "expected u16, found {} {v:?} (llama.cpp refuses any other type)",
+                    v.type_name()
+                ),
+            )),
         }
     };
     let count = match u16_key(SPLIT_COUNT_KEY)? {
@@ -88,21 +84,25 @@ pub fn split_info(file: &GgufFile) -> Result<Option<SplitInfo>, GgufError> {
                 why: "a split model says how many tensors its files hold",
             });
         }
-        Some(v) => v.as_u64().ok_or_else(|| {
-            bad(
+        Some(Value::I32(v)) => {
+            u64::try_from(*v).map_err(|_| bad(SPLIT_TENSORS_KEY, format!("{v} is negative")))?
+        }
+        Some(v) => {
+            return Err(bad(
                 SPLIT_TENSORS_KEY,
                 format!(
-                    "expected a non-negative integer, found {} {v:?}",
+                    "expected i32, found {} {v:?} (llama.cpp refuses any other type)",
                     v.type_name()
                 ),
-            )
-        })?,
+            ));
+        }
     };
     Ok(Some(SplitInfo { no, count, tensors }))
 }
 
 /// The paths of every split, in order, from the path of split `info.no`: llama.cpp's
-/// naming, `PREFIX-NNNNN-of-MMMMM.gguf` with 1-based, five-digit numbers.
+/// naming, `PREFIX-NNNNN-of-MMMMM.gguf` with 1-based, five-digit numbers (PREFIX is the
+/// rest of the path, as llama.cpp takes it).
 pub fn split_paths(path: &Path, info: SplitInfo) -> Result<Vec<PathBuf>, GgufError> {
     let suffix = format!(
         "-{:05}-of-{:05}.gguf",
@@ -110,42 +110,39 @@ pub fn split_paths(path: &Path, info: SplitInfo) -> Result<Vec<PathBuf>, GgufErr
         info.count
     );
     let prefix = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(&suffix))
+        .to_str()
+        .and_then(|p| p.strip_suffix(&suffix))
         .filter(|p| !p.is_empty())
-        .ok_or_else(|| GgufError::BadSplit {
+        .ok_or_else(|| GgufError::SplitName {
             path: path.to_path_buf(),
-            reason: format!(
-                "the file is split {} of {}, but its name does not end in '{suffix}', so the \
-                 other splits cannot be found (llama.cpp names them PREFIX-NNNNN-of-MMMMM.gguf)",
-                u32::from(info.no).saturating_add(1),
-                info.count
-            ),
+            no: u32::from(info.no).saturating_add(1),
+            count: info.count,
+            suffix: suffix.clone(),
         })?;
     Ok((1..=u32::from(info.count))
-        .map(|i| path.with_file_name(format!("{prefix}-{i:05}-of-{:05}.gguf", info.count)))
+        .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{:05}.gguf", info.count)))
         .collect())
 }
 
-/// Every split's path when `path`'s name has llama.cpp's split form
-/// (`PREFIX-NNNNN-of-MMMMM.gguf`, 1 <= NNNNN <= MMMMM, MMMMM >= 2), from the name alone; None
-/// otherwise. For watching the files of a model that cannot be read yet.
+/// Every split's path when `path` has llama.cpp's split form (`PREFIX-NNNNN-of-MMMMM.gguf`,
+/// 1 <= NNNNN <= MMMMM, 2 <= MMMMM <= 65535), from the name alone; None otherwise. For
+/// watching the files of a model that cannot be read yet.
 pub fn split_paths_by_name(path: &Path) -> Option<Vec<PathBuf>> {
-    let name = path.file_name()?.to_str()?.strip_suffix(".gguf")?;
+    let whole = path.to_str()?.strip_suffix(".gguf")?;
     // "-NNNNN-of-MMMMM": 15 ASCII bytes at the end
-    let cut = name.len().checked_sub(15)?;
-    let (prefix, tail) = (name.get(..cut)?, name.get(cut..)?);
+    let cut = whole.len().checked_sub(15)?;
+    let (prefix, tail) = (whole.get(..cut)?, whole.get(cut..)?);
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
     let no = tail.strip_prefix('-')?.get(..5).filter(|s| digits(s))?;
     let count = tail.get(6..)?.strip_prefix("-of-").filter(|s| digits(s))?;
     let (no, count): (u32, u32) = (no.parse().ok()?, count.parse().ok()?);
-    if prefix.is_empty() || count < 2 || no == 0 || no > count {
+    let count = u16::try_from(count).ok()?;
+    if prefix.is_empty() || count < 2 || no == 0 || no > u32::from(count) {
         return None;
     }
     Some(
         (1..=count)
-            .map(|i| path.with_file_name(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+            .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
             .collect(),
     )
 }
@@ -160,9 +157,9 @@ pub struct GgufModel {
 impl GgufModel {
     /// Reads the header of the model at `path` and, when it is the first split of a split
     /// model, the headers of the other splits. Errors name the file and the reason: a
-    /// later split given instead of the first, a missing split, one that belongs to another
-    /// model (wrong index or count), a tensor in two splits, a tensor count that does not
-    /// add up.
+    /// later split given instead of the first, a name that does not lead to the others, a
+    /// missing split, one that belongs to another model (wrong index or count), a tensor in
+    /// two splits, a tensor count that does not add up.
     pub fn open(path: &Path) -> Result<GgufModel, GgufError> {
         let first = GgufFile::open(path)?;
         let Some(info) = split_info(&first)? else {
@@ -171,76 +168,69 @@ impl GgufModel {
                 rest: Vec::new(),
             });
         };
-        let paths = split_paths(path, info)?;
         let count = info.count;
         if info.no != 0 {
-            let first_path = paths.first().map_or_else(String::new, |p| {
-                format!(": give the first one, {}", p.display())
-            });
-            return Err(GgufError::BadSplit {
+            return Err(GgufError::SplitNotFirst {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "this is split {} of {count}; a split model is opened from its first \
-                     split{first_path}",
-                    u32::from(info.no).saturating_add(1)
-                ),
+                no: u32::from(info.no).saturating_add(1),
+                count,
+                first: split_paths(path, info)
+                    .ok()
+                    .and_then(|v| v.into_iter().next()),
             });
         }
+        let paths = split_paths(path, info)?;
         let mut names: HashSet<String> = first.tensors.iter().map(|t| t.name.clone()).collect();
         let mut rest = Vec::new();
         for (i, p) in paths.iter().enumerate().skip(1) {
+            let no = u32::try_from(i).unwrap_or(u32::MAX).saturating_add(1);
             let file = GgufFile::open(p).map_err(|e| match e {
                 GgufError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
-                    GgufError::BadSplit {
+                    GgufError::SplitMissing {
                         path,
-                        reason: format!(
-                            "missing: split {} of {count} of {}",
-                            i.saturating_add(1),
-                            first.path.display()
-                        ),
+                        no,
+                        count,
+                        first: first.path.clone(),
                     }
                 }
                 e => e,
             })?;
-            let expected = format!("split {} of {count}", i.saturating_add(1));
+            let mismatch = |found: String| GgufError::SplitMismatch {
+                path: p.clone(),
+                found,
+                no,
+                count,
+            };
             match split_info(&file)? {
                 Some(s) if usize::from(s.no) == i && s.count == count => {}
                 Some(s) => {
-                    return Err(GgufError::BadSplit {
-                        path: p.clone(),
-                        reason: format!(
-                            "says it is split {} of {}, expected {expected}: it belongs to another \
-                             model",
-                            u32::from(s.no).saturating_add(1),
-                            s.count
-                        ),
-                    });
+                    return Err(mismatch(format!(
+                        "says it is split {} of {}",
+                        u32::from(s.no).saturating_add(1),
+                        s.count
+                    )));
                 }
                 None => {
-                    return Err(GgufError::BadSplit {
-                        path: p.clone(),
-                        reason: format!(
-                            "has no {SPLIT_COUNT_KEY} key, expected {expected}: not a split file"
-                        ),
-                    });
+                    return Err(mismatch(format!(
+                        "has no {SPLIT_COUNT_KEY} above 1: a whole model, not a split"
+                    )));
                 }
             }
             if let Some(t) = file.tensors.iter().find(|t| !names.insert(t.name.clone())) {
-                return Err(GgufError::BadSplit {
+                return Err(GgufError::SplitDuplicateTensor {
                     path: p.clone(),
-                    reason: format!("tensor '{}' is also in an earlier split", t.name),
+                    name: t.name.clone(),
                 });
             }
             rest.push(file);
         }
         let held = names.len() as u64;
         if held != info.tensors {
-            return Err(GgufError::BadSplit {
+            return Err(GgufError::SplitTensorCount {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "{SPLIT_TENSORS_KEY} is {} but the {count} splits hold {held} tensors",
-                    info.tensors
-                ),
+                expected: info.tensors,
+                found: held,
+                count,
             });
         }
         Ok(GgufModel { first, rest })
@@ -275,8 +265,13 @@ pub enum SplitWriteError {
     #[error(transparent)]
     Read(#[from] GgufError),
     /// A split's header.
-    #[error("laying out a split: {0}")]
-    Layout(#[from] WriteError),
+    #[error("{path}: laying out the split: {source}")]
+    Layout {
+        /// The split.
+        path: PathBuf,
+        /// Why.
+        source: WriteError,
+    },
     /// Reading the input or writing a split.
     #[error("{path}: {source}")]
     Io {
@@ -286,51 +281,76 @@ pub enum SplitWriteError {
         source: std::io::Error,
     },
     /// The request cannot be met (count, file name, an input that is split already).
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The input.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Splits the model at `input` (`NAME.gguf`) into `count` files next to it,
 /// `NAME-00001-of-0000N.gguf` and so on, the way llama.cpp's `gguf-split` does: tensors in
-/// file order, in `count` runs of about equal bytes; all metadata in the first file, the
-/// `split.*` keys (and the alignment) in every file. Each file is written to a temp file
-/// and renamed into place. Returns the paths, the first one first.
+/// file order, in `count` runs of about equal bytes; all metadata in the first file (any
+/// `split.*` keys of the input replaced), the `split.*` keys (and the alignment) in every
+/// file. Each file is written to a temp file and renamed into place; on an error the
+/// splits already written are removed. Returns the paths, the first one first.
 pub fn write_split(input: &Path, count: u16) -> Result<Vec<PathBuf>, SplitWriteError> {
+    let invalid = |reason: String| SplitWriteError::Invalid {
+        path: input.to_path_buf(),
+        reason,
+    };
     let src = GgufFile::open(input)?;
     if split_info(&src)?.is_some() {
-        return Err(SplitWriteError::Invalid(format!(
-            "{} is already a split file",
-            input.display()
-        )));
+        return Err(invalid("already a split file".into()));
     }
     let n_tensors = src.tensors.len();
     if count < 2 || usize::from(count) > n_tensors {
-        return Err(SplitWriteError::Invalid(format!(
+        return Err(invalid(format!(
             "cannot split {n_tensors} tensors into {count} files (2..={n_tensors})"
         )));
     }
     let stem = input
-        .file_name()
-        .and_then(|n| n.to_str())
+        .to_str()
         .map(|n| n.strip_suffix(".gguf").unwrap_or(n))
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| SplitWriteError::Invalid(format!("{}: not a file name", input.display())))?;
+        .ok_or_else(|| invalid("not a UTF-8 file path".into()))?;
+    let paths = split_paths(
+        Path::new(&format!("{stem}-00001-of-{count:05}.gguf")),
+        SplitInfo {
+            no: 0,
+            count,
+            tensors: n_tensors as u64,
+        },
+    )?;
+    let mut written = Vec::new();
+    let result = write_splits(&src, &group_tensors(&src, count), &paths, &mut written);
+    if result.is_err() {
+        for p in &written {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result.map(|()| paths)
+}
 
-    // Runs of about total / count bytes, each at least one tensor.
+/// The tensors of `src` in `count` runs in file order of about equal bytes, each at least
+/// one tensor (`count` <= the number of tensors).
+fn group_tensors(src: &GgufFile, count: u16) -> Vec<Vec<&super::TensorInfo>> {
+    let n_tensors = src.tensors.len();
     let total = src.tensor_bytes();
+    let last_group = usize::from(count).saturating_sub(1);
     let mut groups: Vec<Vec<&super::TensorInfo>> = vec![Vec::new(); usize::from(count)];
     let mut acc: u64 = 0;
     let mut g: usize = 0;
     for (i, t) in src.tensors.iter().enumerate() {
-        let last_group = usize::from(count).saturating_sub(1);
         // Move on once this run has its share, or when the remaining tensors are needed
         // to give every later run one.
         let share = u128::from(total)
             .saturating_mul((g as u128).saturating_add(1))
             .checked_div(u128::from(count))
             .unwrap_or(0);
-        let left_after = n_tensors.saturating_sub(i);
-        let must_move = left_after <= last_group.saturating_sub(g);
+        let must_move = n_tensors.saturating_sub(i) <= last_group.saturating_sub(g);
         let group_has = groups.get(g).is_some_and(|v| !v.is_empty());
         if g < last_group && group_has && (u128::from(acc) >= share || must_move) {
             g = g.saturating_add(1);
@@ -340,47 +360,39 @@ pub fn write_split(input: &Path, count: u16) -> Result<Vec<PathBuf>, SplitWriteE
         }
         acc = acc.saturating_add(t.size);
     }
+    groups
+}
 
+/// Writes split `no` of `groups` to `paths[no]` for every group, pushing each path to
+/// `written` once it is in place.
+fn write_splits(
+    src: &GgufFile,
+    groups: &[Vec<&super::TensorInfo>],
+    paths: &[PathBuf],
+    written: &mut Vec<PathBuf>,
+) -> Result<(), SplitWriteError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SplitWriteError::Io { path, source }
     };
-    let src_file = File::open(input).map_err(io(input))?;
-    let info = SplitInfo {
-        no: 0,
-        count,
-        tensors: n_tensors as u64,
-    };
-    let paths = split_paths(
-        &input.with_file_name(format!("{stem}-00001-of-{count:05}.gguf")),
-        info,
-    )?;
-    let split_keys = |no: u16| {
-        vec![
+    let src_file = File::open(&src.path).map_err(io(&src.path))?;
+    let count = u16::try_from(groups.len()).unwrap_or(u16::MAX);
+    let n_tensors = i32::try_from(src.tensors.len()).unwrap_or(i32::MAX);
+    let mut buf = vec![0u8; 1 << 20];
+    for (no, (group, path)) in groups.iter().zip(paths).enumerate() {
+        let no = u16::try_from(no).unwrap_or(u16::MAX);
+        let is_split_key = |k: &str| k.starts_with("split.");
+        let mut md: Vec<(String, Value)> = src
+            .metadata
+            .iter()
+            .filter(|(k, _)| !is_split_key(k) && (no == 0 || k.as_str() == ALIGNMENT_KEY))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        md.extend([
             (SPLIT_NO_KEY.to_string(), Value::U16(no)),
             (SPLIT_COUNT_KEY.to_string(), Value::U16(count)),
-            (
-                SPLIT_TENSORS_KEY.to_string(),
-                Value::I32(i32::try_from(n_tensors).unwrap_or(i32::MAX)),
-            ),
-        ]
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    for (no, (group, path)) in groups.iter().zip(&paths).enumerate() {
-        let no = u16::try_from(no).unwrap_or(u16::MAX);
-        let mut md: Vec<(String, Value)> = if no == 0 {
-            src.metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        } else {
-            src.metadata
-                .get(ALIGNMENT_KEY)
-                .map(|v| (ALIGNMENT_KEY.to_string(), v.clone()))
-                .into_iter()
-                .collect()
-        };
-        md.extend(split_keys(no));
+            (SPLIT_TENSORS_KEY.to_string(), Value::I32(n_tensors)),
+        ]);
         let specs: Vec<TensorSpec> = group
             .iter()
             .map(|t| TensorSpec {
@@ -389,7 +401,10 @@ pub fn write_split(input: &Path, count: u16) -> Result<Vec<PathBuf>, SplitWriteE
                 ggml_type: t.ggml_type,
             })
             .collect();
-        let lay = super::layout(&md, &specs)?;
+        let lay = super::layout(&md, &specs).map_err(|source| SplitWriteError::Layout {
+            path: path.clone(),
+            source,
+        })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
         let out = tmp.as_file();
@@ -406,7 +421,7 @@ pub fn write_split(input: &Path, count: u16) -> Result<Vec<PathBuf>, SplitWriteE
                 let chunk = buf.get_mut(..n).unwrap_or_default();
                 src_file
                     .read_exact_at(chunk, src_at.saturating_add(done))
-                    .map_err(io(input))?;
+                    .map_err(io(&src.path))?;
                 out.write_all_at(chunk, dst_at.saturating_add(done))
                     .map_err(io(path))?;
                 done = done.saturating_add(n as u64);
@@ -417,6 +432,7 @@ pub fn write_split(input: &Path, count: u16) -> Result<Vec<PathBuf>, SplitWriteE
             path: path.clone(),
             source: e.error,
         })?;
+        written.push(path.clone());
     }
-    Ok(paths)
+    Ok(())
 }

@@ -189,7 +189,14 @@ pub fn snapshot(model_path: &Path, state_dir: &Path) -> Result<Snapshot, ProbeEr
     let model = model(model_path)?;
     let host = host();
     let (gpus, gpu_note) = gpu::probe();
-    let disk = disk::probe_cached(model_path, state_dir);
+    // The disk is measured on the largest file: a split model's first file may hold the
+    // metadata only (gguf-split --no-tensor-first-split).
+    let largest = model
+        .splits
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .map_or(model_path, PathBuf::as_path);
+    let disk = disk::probe_cached(largest, state_dir);
     Ok(Snapshot {
         model,
         host,

@@ -967,6 +967,20 @@ mod tests {
                 "/srv/ollama/manifests/registry.ollama.ai/library/qwen3/30b"
             )]
         );
+        // A split model not there yet: every split, from the first's name.
+        let c = Config::parse(
+            "model = \"/m/q-00001-of-00002.gguf\"",
+            Path::new("/etc/expertd/expertd.toml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            model_files(&c),
+            vec![
+                PathBuf::from("/m/q-00001-of-00002.gguf"),
+                PathBuf::from("/m/q-00002-of-00002.gguf")
+            ]
+        );
         // A directory that does not exist yet is watched through its nearest ancestor.
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a/b/m.gguf");
