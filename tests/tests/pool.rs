@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use expertd::engine::Flavor;
-use expertd::synth::{ExpertType, Preset, SynthConfig, write_model};
+use expertd::synth::{ExpertType, Preset, SynthArch, SynthConfig, write_model};
 use expertd_tests::{Greedy, MemCap, Server, engine_binary, greedy_request};
 
 /// About 150 prompt tokens with the synthetic vocabulary; the prompt is one ubatch, so it
@@ -19,10 +19,26 @@ const PROMPT: &str = "An expert pool keeps the experts of every layer that the r
     needs more experts than there are slots, so it is computed from a staging area.";
 
 fn model(dir: &Path, preset: Preset, experts: ExpertType, seed: u64) -> (PathBuf, SynthConfig) {
+    model_of(dir, preset, SynthArch::Qwen3Moe, experts, seed)
+}
+
+fn model_of(
+    dir: &Path,
+    preset: Preset,
+    arch: SynthArch,
+    experts: ExpertType,
+    seed: u64,
+) -> (PathBuf, SynthConfig) {
     let mut config = SynthConfig::preset(preset);
     config.seed = seed;
     config.expert_type = experts;
-    let path = dir.join(format!("{}-{:?}-{seed}.gguf", preset.name(), experts));
+    config.arch = arch;
+    let path = dir.join(format!(
+        "{}-{}-{:?}-{seed}.gguf",
+        preset.name(),
+        arch.name(),
+        experts
+    ));
     write_model(&config, &path, 2).expect("writing the model");
     (path, config)
 }
@@ -65,8 +81,26 @@ fn check_exact(
     prefetch_at: &[u32],
     wait_all_at: &[u32],
 ) {
+    check_exact_arch(
+        preset,
+        SynthArch::Qwen3Moe,
+        experts,
+        slots,
+        prefetch_at,
+        wait_all_at,
+    );
+}
+
+fn check_exact_arch(
+    preset: Preset,
+    arch: SynthArch,
+    experts: ExpertType,
+    slots: &[u32],
+    prefetch_at: &[u32],
+    wait_all_at: &[u32],
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (path, config) = model(dir.path(), preset, experts, 5);
+    let (path, config) = model_of(dir.path(), preset, arch, experts, 5);
     let n_probs = config.vocab as usize;
     assert!(slots.contains(&config.n_expert_used) && slots.contains(&config.n_expert));
 
@@ -109,8 +143,9 @@ fn check_exact(
             &stock,
             &pooled,
             &format!(
-                "{} {experts:?}, {n} slots, prefetch {prefetch}, overlap {overlap}",
-                preset.name()
+                "{} {} {experts:?}, {n} slots, prefetch {prefetch}, overlap {overlap}",
+                preset.name(),
+                arch.name()
             ),
         );
 
@@ -171,6 +206,20 @@ fn pool_is_bit_exact_on_tiny_q4_k_m() {
     // a layer's projections differ in size and layout (on x86 Q4_K slots are repacked,
     // Q6_K ones are plain memory the pool writes itself), and the layers differ.
     check_exact(Preset::Tiny, ExpertType::Q4KM, &[4, 8, 32], &[4], &[4]);
+}
+
+#[test]
+fn pool_is_bit_exact_on_fused_gate_up_experts() {
+    // hy_v3: gate and up in one expert tensor (the pool's GATE_UP projection, read and
+    // waited for before down), a shared expert outside the pool, sigmoid routing.
+    check_exact_arch(
+        Preset::Tiny,
+        SynthArch::HyV3,
+        ExpertType::Q4K,
+        &[4, 8, 32],
+        &[4],
+        &[4],
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::gguf::ModelInfo;
-use crate::synth::{self, ExpertType, Locality, Preset, SynthConfig};
+use crate::synth::{self, ExpertType, Locality, Preset, SynthArch, SynthConfig};
 
 /// Preset names on the command line.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -30,6 +30,17 @@ pub enum LocalityArg {
     Realistic,
     /// Clearly harder to cache (reuse under 20%, LRU at a quarter under 50%).
     Hard,
+}
+
+/// Architectures on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ArchArg {
+    /// Separate gate, up and down experts, softmax routing.
+    #[value(name = "qwen3moe")]
+    Qwen3Moe,
+    /// Gate and up experts fused in one tensor, a shared expert, sigmoid routing.
+    #[value(name = "hy_v3")]
+    HyV3,
 }
 
 /// Expert tensor types on the command line.
@@ -115,6 +126,9 @@ pub struct SynthArgs {
     /// Generator threads (default: available cores, at most 4).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Architecture (the preset's sizes apply to either).
+    #[arg(long, value_enum, default_value = "qwen3moe")]
+    pub arch: ArchArg,
     /// Print the manifest (config, tensors, offsets) as JSON on stdout (with `--splits`:
     /// the offsets of the unsplit file, and the splits' paths under "splits").
     #[arg(long)]
@@ -166,6 +180,10 @@ impl SynthArgs {
         setf(&mut c.attn_recency, self.attn_recency);
         setf(&mut c.context_decay, self.context_decay);
         c.seed = self.seed;
+        c.arch = match self.arch {
+            ArchArg::Qwen3Moe => SynthArch::Qwen3Moe,
+            ArchArg::HyV3 => SynthArch::HyV3,
+        };
         if let Some(t) = self.expert_type {
             c.expert_type = match t {
                 ExpertTypeArg::Q4K => ExpertType::Q4K,

@@ -38,8 +38,29 @@ pub mod vocab;
 
 use rng::Rng;
 
-/// The architecture written.
+/// The architecture written by default.
 pub const ARCH: &str = "qwen3moe";
+
+/// The architecture of the model: its metadata prefix and the expert tensors' layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SynthArch {
+    /// `qwen3moe`: separate gate, up and down expert tensors, softmax routing.
+    Qwen3Moe,
+    /// `hy_v3`: gate and up experts fused in one tensor (`ffn_gate_up_exps`, as newer
+    /// conversions of DeepSeek and Qwen3.5 MoE models have them), a shared expert every
+    /// token uses, sigmoid routing.
+    HyV3,
+}
+
+impl SynthArch {
+    /// `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthArch::Qwen3Moe => ARCH,
+            SynthArch::HyV3 => "hy_v3",
+        }
+    }
+}
 /// Logit std of the output projection for normal tokens.
 const OUTPUT_LOGIT_STD: f64 = 2.5;
 /// Output rows of special and byte tokens are scaled by this.
@@ -176,6 +197,8 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Expert tensor type.
     pub expert_type: ExpertType,
+    /// Architecture.
+    pub arch: SynthArch,
 }
 
 impl SynthConfig {
@@ -200,6 +223,7 @@ impl SynthConfig {
             context_decay: 0.0,
             seed: 0,
             expert_type: ExpertType::Q4K,
+            arch: SynthArch::Qwen3Moe,
         };
         match p {
             Preset::Bench => base,
@@ -521,18 +545,43 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             },
         ));
         let ex = c.expert_type.ggml(false, l);
-        v.push(t(
-            n("ffn_gate_exps"),
-            vec![n_embd, n_ff, n_exp],
-            ex,
-            quant(inv_sqrt(n_embd)),
-        ));
-        v.push(t(
-            n("ffn_up_exps"),
-            vec![n_embd, n_ff, n_exp],
-            ex,
-            quant(inv_sqrt(n_embd)),
-        ));
+        match c.arch {
+            SynthArch::Qwen3Moe => {
+                v.push(t(
+                    n("ffn_gate_exps"),
+                    vec![n_embd, n_ff, n_exp],
+                    ex,
+                    quant(inv_sqrt(n_embd)),
+                ));
+                v.push(t(
+                    n("ffn_up_exps"),
+                    vec![n_embd, n_ff, n_exp],
+                    ex,
+                    quant(inv_sqrt(n_embd)),
+                ));
+            }
+            SynthArch::HyV3 => {
+                // one expert's gate rows, then its up rows
+                v.push(t(
+                    n("ffn_gate_up_exps"),
+                    vec![n_embd, 2 * n_ff, n_exp],
+                    ex,
+                    quant(inv_sqrt(n_embd)),
+                ));
+                for (name, dims) in [
+                    ("ffn_gate_shexp", vec![n_embd, n_ff]),
+                    ("ffn_up_shexp", vec![n_embd, n_ff]),
+                ] {
+                    v.push(t(n(name), dims, q8, quant(inv_sqrt(n_embd))));
+                }
+                v.push(t(
+                    n("ffn_down_shexp"),
+                    vec![n_ff, n_embd],
+                    q8,
+                    quant(inv_sqrt(n_ff)),
+                ));
+            }
+        }
         v.push(t(
             n("ffn_down_exps"),
             vec![n_ff, n_embd, n_exp],
@@ -544,10 +593,11 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
 }
 
 fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
-    let a = |k: &str| format!("{ARCH}.{k}");
+    let arch = c.arch.name();
+    let a = |k: &str| format!("{arch}.{k}");
     let pieces = vocab::build(c.vocab);
     let mut md = vec![
-        ("general.architecture".into(), Value::String(ARCH.into())),
+        ("general.architecture".into(), Value::String(arch.into())),
         (
             "general.name".into(),
             Value::String(format!("expertd synth {} seed {}", c.preset, c.seed)),
@@ -644,6 +694,13 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
         md.push((
             "expertd.synth.context_decay".into(),
             Value::F32(c.context_decay),
+        ));
+    }
+    if c.arch == SynthArch::HyV3 {
+        // the shared expert is as wide as a routed one
+        md.push((
+            a("expert_shared_feed_forward_length"),
+            Value::U32(c.expert_ffn),
         ));
     }
     md
