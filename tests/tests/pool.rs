@@ -153,8 +153,17 @@ fn check_exact_arch(
         // through the slots, and the prompt through staging when slots < experts.
         let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
         let total = &s["total"];
-        let layers = config.layers as u64;
+        let layers = u64::from(config.moe_layers());
         assert!(total["requests"].as_u64().unwrap() >= 63 * layers, "{s}");
+        // the pool serves exactly the layers with experts (hy_v3's first is dense)
+        let served: Vec<u64> = s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["layer"].as_u64().unwrap())
+            .collect();
+        let moe: Vec<u64> = (u64::from(config.layers) - layers..u64::from(config.layers)).collect();
+        assert_eq!(served, moe, "{s}");
         assert_eq!(total["errors"], 0, "{s}");
         // Decode read-ahead (prefetch on) filled misses from reads started a layer
         // early; off, none (a prompt's last layer, served by a request, gets no
@@ -211,7 +220,8 @@ fn pool_is_bit_exact_on_tiny_q4_k_m() {
 #[test]
 fn pool_is_bit_exact_on_fused_gate_up_experts() {
     // hy_v3: gate and up in one expert tensor (the pool's GATE_UP projection, read and
-    // waited for before down), a shared expert outside the pool, sigmoid routing.
+    // waited for before down), a shared expert outside the pool, sigmoid routing, and a
+    // dense first layer the pool does not serve.
     check_exact_arch(
         Preset::Tiny,
         SynthArch::HyV3,

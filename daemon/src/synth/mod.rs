@@ -48,7 +48,8 @@ pub enum SynthArch {
     Qwen3Moe,
     /// `hy_v3`: gate and up experts fused in one tensor (`ffn_gate_up_exps`, as newer
     /// conversions of DeepSeek and Qwen3.5 MoE models have them), a shared expert every
-    /// token uses, sigmoid routing.
+    /// token uses, sigmoid routing, and a first layer with a dense FFN and no experts (as
+    /// DeepSeek-style models lead with).
     HyV3,
 }
 
@@ -277,6 +278,14 @@ impl SynthConfig {
         f64::from(self.context_weight) * (f64::from(l) + 1.0).powf(-f64::from(self.context_decay))
     }
 
+    /// Layers with experts (hy_v3's first layer has none).
+    pub fn moe_layers(&self) -> u32 {
+        match self.arch {
+            SynthArch::Qwen3Moe => self.layers,
+            SynthArch::HyV3 => self.layers.saturating_sub(1),
+        }
+    }
+
     /// Head dimension.
     pub fn head_dim(&self) -> u32 {
         self.n_embd.checked_div(self.n_head).unwrap_or(0)
@@ -288,6 +297,12 @@ impl SynthConfig {
         let (min_vocab, max_vocab) = (vocab::MIN_VOCAB, vocab::MAX_VOCAB);
         if self.layers == 0 || self.layers > 512 {
             return bad(format!("--layers {} must be in 1..=512", self.layers));
+        }
+        if self.arch == SynthArch::HyV3 && self.layers < 2 {
+            return bad(format!(
+                "--layers {}: hy_v3's first layer is dense, so it needs at least 2",
+                self.layers
+            ));
         }
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
             return bad(format!(
@@ -535,6 +550,23 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+        if c.arch == SynthArch::HyV3 && l == 0 {
+            // a leading dense layer, as DeepSeek-style models have: no experts
+            let n_ff_dense = n_ff * u64::from(c.n_expert_used);
+            for (name, dims) in [
+                ("ffn_gate", vec![n_embd, n_ff_dense]),
+                ("ffn_up", vec![n_embd, n_ff_dense]),
+            ] {
+                v.push(t(n(name), dims, q8, quant(inv_sqrt(n_embd))));
+            }
+            v.push(t(
+                n("ffn_down"),
+                vec![n_ff_dense, n_embd],
+                q8,
+                quant(inv_sqrt(n_ff_dense)),
+            ));
+            continue;
+        }
         v.push(t(
             n("ffn_gate_inp"),
             vec![n_embd, n_exp],
