@@ -145,8 +145,11 @@ typedef struct ep_pool_config {
     void *log_user;                 /* passed to log_fn */
     const char *trace_path;         /* routing trace file (copied); NULL = none. The
                                        binary trace format of ffi/TRACE_FORMAT.md,
-                                       written atomically at ep_pool_delete and on
-                                       ep_pool_publish_stats. A token enters it once
+                                       written atomically at ep_pool_delete, on
+                                       ep_pool_publish_stats, and every 10 s while it
+                                       grows (by the pool's background thread, so a
+                                       killed process keeps all but the last seconds).
+                                       A token enters it once
                                        every registered layer served it in one ubatch
                                        (in practice: generated tokens). */
 } ep_pool_config;

@@ -75,8 +75,12 @@ pub struct PoolConfig {
     /// Log sink for warnings (fallbacks) and errors.
     pub log: Option<LogFn>,
     /// Routing trace written here (binary trace format, `ffi/TRACE_FORMAT.md`) when the
-    /// pool is dropped and on [`Pool::publish_stats`]; `None` for none.
+    /// pool is dropped, on [`Pool::publish_stats`], and by the background thread every
+    /// `trace_interval_ms` while it grows (so a killed engine loses at most that much);
+    /// `None` for none.
     pub trace_path: Option<PathBuf>,
+    /// Interval of the background thread's trace writes (0: [`TRACE_WRITE_EVERY`]).
+    pub trace_interval_ms: u32,
 }
 
 impl Default for PoolConfig {
@@ -91,6 +95,7 @@ impl Default for PoolConfig {
             stats_interval_ms: 0,
             log: None,
             trace_path: None,
+            trace_interval_ms: 0,
         }
     }
 }
@@ -354,7 +359,13 @@ struct Inner {
 pub struct Pool {
     inner: Arc<Mutex<Inner>>,
     publisher: Option<Publisher>,
+    /// Tokens in the routing trace file, shared by every writer of it.
+    trace_written: Arc<Mutex<usize>>,
 }
+
+/// How often the background thread writes a routing trace that grew (a whole atomic
+/// rewrite, from a copy taken under the pool's lock token by token).
+pub const TRACE_WRITE_EVERY: Duration = Duration::from_secs(10);
 
 struct Publisher {
     stop: mpsc::Sender<()>,
@@ -398,7 +409,7 @@ impl Pool {
             ahead_layer: None,
             fresh_fills: Vec::new(),
             fill_ids: Vec::new(),
-            trace: cfg.trace_path.map(crate::trace::Recorder::new),
+            trace: cfg.trace_path.clone().map(crate::trace::Recorder::new),
         };
         if let Some(why) = inner.io.uring_refused.clone() {
             inner.warn(format!(
@@ -406,14 +417,29 @@ impl Pool {
             ));
         }
         let inner = Arc::new(Mutex::new(inner));
-        let publisher = cfg.stats_path.map(|path| {
+        let trace_written = Arc::new(Mutex::new(0));
+        let publisher = (cfg.stats_path.is_some() || cfg.trace_path.is_some()).then(|| {
             let interval = Duration::from_millis(match cfg.stats_interval_ms {
                 0 => 1000,
                 ms => u64::from(ms),
             });
-            spawn_publisher(Arc::clone(&inner), path, interval)
+            let trace_every = match cfg.trace_interval_ms {
+                0 => TRACE_WRITE_EVERY,
+                ms => Duration::from_millis(u64::from(ms)),
+            };
+            spawn_publisher(
+                Arc::clone(&inner),
+                cfg.stats_path,
+                cfg.trace_path
+                    .map(|p| (p, Arc::clone(&trace_written), trace_every)),
+                interval,
+            )
         });
-        Ok(Pool { inner, publisher })
+        Ok(Pool {
+            inner,
+            publisher,
+            trace_written,
+        })
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
@@ -572,7 +598,7 @@ impl Pool {
         let (snap, path) = {
             let g = self.lock()?;
             if let Some(t) = &g.trace {
-                t.write()?;
+                t.write(&self.trace_written)?;
             }
             let path = g
                 .stats_path
@@ -682,7 +708,7 @@ impl Drop for Pool {
         }
         if let Ok(g) = self.inner.lock() {
             if let Some(t) = &g.trace {
-                let _ = t.write();
+                let _ = t.write(&self.trace_written);
             }
             if let Some(path) = g.stats_path.clone() {
                 let snap = g.snapshot();
@@ -693,17 +719,52 @@ impl Drop for Pool {
     }
 }
 
-fn spawn_publisher(inner: Arc<Mutex<Inner>>, path: PathBuf, interval: Duration) -> Publisher {
+/// The background thread: the stats file every `interval`, and a growing routing trace
+/// at its own interval (from its own copy, which takes only the new tokens under
+/// the lock, and is written outside it).
+fn spawn_publisher(
+    inner: Arc<Mutex<Inner>>,
+    stats: Option<PathBuf>,
+    trace: Option<(PathBuf, Arc<Mutex<usize>>, Duration)>,
+    interval: Duration,
+) -> Publisher {
     let (stop, rx) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("expert-pool-stats".into())
         .spawn(move || {
+            let mut copy: Option<crate::trace::Trace> = None;
+            let trace_every = trace.as_ref().map_or(TRACE_WRITE_EVERY, |t| t.2);
+            let mut trace_due = Instant::now() + trace_every;
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
-                let snap = match inner.lock() {
-                    Ok(g) => g.snapshot(),
-                    Err(_) => return,
+                let write_trace = trace.is_some() && Instant::now() >= trace_due;
+                let (snap, grew) = {
+                    let Ok(g) = inner.lock() else {
+                        return;
+                    };
+                    let snap = stats.as_ref().map(|_| g.snapshot());
+                    let mut grew = false;
+                    if let (true, Some(t)) = (write_trace, g.trace.as_ref().and_then(|r| r.trace()))
+                    {
+                        let have = copy.as_ref().map_or(0, crate::trace::Trace::tokens);
+                        if t.tokens() > have {
+                            match copy.as_mut() {
+                                Some(c) => c.extend_from(t, have),
+                                None => copy = Some(t.clone()),
+                            }
+                            grew = true;
+                        }
+                    }
+                    (snap, grew)
                 };
-                let _ = metrics::write_atomic(&path, &snap);
+                if let (Some(path), Some(snap)) = (&stats, snap) {
+                    let _ = metrics::write_atomic(path, &snap);
+                }
+                if write_trace {
+                    trace_due = Instant::now() + trace_every;
+                }
+                if let (true, Some((path, written, _)), Some(c)) = (grew, &trace, &copy) {
+                    let _ = crate::trace::write_newer(c, path, written);
+                }
             }
         })
         .expect("spawning the stats thread");

@@ -93,12 +93,18 @@ pub const MAX_LAYERS: u32 = 4096;
 /// a token needs in reasonable time.
 pub const MAX_ZIPF: f64 = 2.0;
 
-/// Writes `data` to `path` atomically: written and synced aside (`PATH.tmp.PID`), then
-/// renamed over, so the path holds the old file or the whole new one; a failure leaves
-/// no temp file behind. For traces and their sidecars.
+/// Writes `data` to `path` atomically: written and synced aside (`PATH.tmp.PID.N`, N
+/// counting this process's writes, so two threads never share one), then renamed over,
+/// so the path holds the old file or the whole new one; a failure leaves no temp file
+/// behind. For traces and their sidecars.
 pub fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
+    tmp.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let written = (|| {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
@@ -892,13 +898,54 @@ impl Recorder {
         }
     }
 
-    /// Writes the trace recorded so far (atomically). Nothing to write is not an error.
-    pub fn write(&self) -> crate::error::Result<()> {
-        let Some(t) = &self.trace else {
-            return Ok(());
-        };
-        t.write(&self.path, false)
-            .map_err(|e| crate::error::PoolError::State(format!("writing the routing trace: {e}")))
+    /// The file the trace is written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the trace recorded so far (atomically) unless `written` says a write of as
+    /// many tokens or more is in place already; `written` orders this write with the
+    /// others to the same path (the pool's publisher thread writes a copy). Nothing to
+    /// write is not an error.
+    pub fn write(&self, written: &std::sync::Mutex<usize>) -> crate::error::Result<()> {
+        match &self.trace {
+            Some(t) => write_newer(t, &self.path, written),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes `trace` to `path` if it holds more tokens than the last write recorded in
+/// `written` (the writes of a growing trace, from two threads, then never go backwards).
+pub fn write_newer(
+    trace: &Trace,
+    path: &Path,
+    written: &std::sync::Mutex<usize>,
+) -> crate::error::Result<()> {
+    let mut last = written
+        .lock()
+        .map_err(|_| crate::error::PoolError::Internal("trace writer poisoned".into()))?;
+    if trace.tokens() <= *last {
+        return Ok(());
+    }
+    trace
+        .write(path, false)
+        .map_err(|e| crate::error::PoolError::State(format!("writing the routing trace: {e}")))?;
+    *last = trace.tokens();
+    Ok(())
+}
+
+impl Trace {
+    /// Appends the tokens of `other` (same shape) from token `from` on; the publisher's
+    /// copy of a growing trace takes only what is new.
+    pub fn extend_from(&mut self, other: &Trace, from: usize) {
+        if (self.layers, self.experts, self.used) != (other.layers, other.experts, other.used) {
+            return;
+        }
+        let per_token = (self.layers * self.used) as usize;
+        if let Some(new) = other.ids.get(from * per_token..) {
+            self.ids.extend_from_slice(new);
+        }
     }
 }
 
@@ -928,9 +975,15 @@ mod recorder_tests {
         r.record(&order, 1, 8, &[1, 2, 9, 9], 2, 1, 4);
         r.record(&order, 3, 8, &[3, 4, 9, 9], 2, 1, 4);
         assert_eq!(r.trace().unwrap().get(2, 0), &[1, 2]);
-        r.write().unwrap();
+        let written = std::sync::Mutex::new(0);
+        r.write(&written).unwrap();
         let back = Trace::read(&path).unwrap();
         assert_eq!(back.tokens(), 3);
+        assert_eq!(*written.lock().unwrap(), 3);
+        // A write of no more tokens than the file has is skipped.
+        std::fs::remove_file(&path).unwrap();
+        r.write(&written).unwrap();
+        assert!(!path.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -312,6 +312,61 @@ fn trace_records_requests_and_stages_token_major() {
     assert_eq!(t.get(2, 1), &[13, 14]);
 }
 
+/// A growing trace is written by the background thread while the pool lives (so a
+/// killed engine keeps what it recorded up to the last write), without a stats file.
+#[test]
+fn a_growing_trace_is_written_while_the_pool_lives() {
+    let m = model();
+    let path = disk_dir().join(format!("stage-trace-live.{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let p = pool_with(
+        &m,
+        PoolConfig {
+            trace_path: Some(path.clone()),
+            trace_interval_ms: 20,
+            stats_interval_ms: 10,
+            ..config(IoMode::Pread)
+        },
+    );
+    let tokens_on_disk = |want: usize| {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(t) = Trace::read(&path) {
+                if t.tokens() == want {
+                    return t;
+                }
+                assert!(t.tokens() < want, "{} tokens on disk", t.tokens());
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the trace never reached {want} tokens on disk"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    let mut out = [0i32; 2];
+    p.request(1, &[3, 4], 2, 1, 2, &mut out).unwrap();
+    p.request(3, &[5, 6], 2, 1, 2, &mut out).unwrap();
+    assert_eq!(tokens_on_disk(1).get(0, 1), &[5, 6]);
+    p.request(1, &[7, 8], 2, 1, 2, &mut out).unwrap();
+    p.request(3, &[9, 10], 2, 1, 2, &mut out).unwrap();
+    let t = tokens_on_disk(2);
+    assert_eq!((t.get(0, 0), t.get(1, 1)), (&[3, 4][..], &[9, 10][..]));
+    drop(p);
+    assert_eq!(Trace::read(&path).unwrap().tokens(), 2);
+    // no temp file left beside it
+    let dir = path.parent().unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&name) && n != &name)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// With a read budget of one byte, read-ahead announces one expert at a time and a stage
 /// call reads one projection at a time; every byte still arrives, and no buffer stays
 /// held after the call.
