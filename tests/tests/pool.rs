@@ -292,6 +292,56 @@ fn pool_is_bit_exact_on_a_split_model() {
     }
 }
 
+/// `--expert-pool-trace`: the engine records the routing of its generated tokens in the
+/// trace format, and writes it while it runs (every 10 s), so an engine killed with
+/// SIGKILL keeps it.
+#[test]
+fn the_routing_trace_survives_a_killed_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config) = model(dir.path(), Preset::Tiny, ExpertType::Q4K, 5);
+    let trace = dir.path().join("routing.trace");
+    let server = Server::start(
+        &engine_binary(Flavor::Patched, "llama-server"),
+        &path,
+        &[
+            "--expert-pool-slots",
+            "8",
+            "--expert-pool-trace",
+            trace.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let (tokens, _) = server.greedy(PROMPT, 16).unwrap();
+    assert_eq!(tokens.len(), 16);
+    // Decode steps after the prompt's (whose last layer computes only the output row, so
+    // the prompt is not a token of the trace).
+    let start = std::time::Instant::now();
+    let t = loop {
+        match expert_pool::trace::Trace::read(&trace) {
+            Ok(t) if t.tokens() >= 15 => break t,
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no trace of the generated tokens on disk after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(server);
+    let after = expert_pool::trace::Trace::read(&trace).unwrap();
+    assert_eq!(after.ids, t.ids, "the file changed after the kill");
+    assert_eq!(
+        (t.layers, t.experts, t.used),
+        (config.moe_layers(), config.n_expert, config.n_expert_used)
+    );
+    assert!(t.tokens() <= 16, "{} tokens", t.tokens());
+}
+
 #[test]
 fn repeated_and_parallel_requests_and_context_shift_work_with_the_pool() {
     let dir = tempfile::tempdir().unwrap();
