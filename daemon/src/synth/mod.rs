@@ -550,21 +550,22 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+        // A dense SiLU FFN `width` wide in Q8_0: ffn_gate{sfx}, ffn_up{sfx}, ffn_down{sfx}.
+        let dense_ffn = |v: &mut Vec<Planned>, sfx: &str, width: u64| {
+            let name = |s: &str| format!("blk.{l}.{s}{sfx}.weight");
+            let from_embd = quant(inv_sqrt(n_embd));
+            v.push(t(name("ffn_gate"), vec![n_embd, width], q8, from_embd));
+            v.push(t(name("ffn_up"), vec![n_embd, width], q8, from_embd));
+            v.push(t(
+                name("ffn_down"),
+                vec![width, n_embd],
+                q8,
+                quant(inv_sqrt(width)),
+            ));
+        };
         if c.arch == SynthArch::HyV3 && l == 0 {
             // a leading dense layer, as DeepSeek-style models have: no experts
-            let n_ff_dense = n_ff * u64::from(c.n_expert_used);
-            for (name, dims) in [
-                ("ffn_gate", vec![n_embd, n_ff_dense]),
-                ("ffn_up", vec![n_embd, n_ff_dense]),
-            ] {
-                v.push(t(n(name), dims, q8, quant(inv_sqrt(n_embd))));
-            }
-            v.push(t(
-                n("ffn_down"),
-                vec![n_ff_dense, n_embd],
-                q8,
-                quant(inv_sqrt(n_ff_dense)),
-            ));
+            dense_ffn(&mut v, "", n_ff * u64::from(c.n_expert_used));
             continue;
         }
         v.push(t(
@@ -600,18 +601,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                     ex,
                     quant(inv_sqrt(n_embd)),
                 ));
-                for (name, dims) in [
-                    ("ffn_gate_shexp", vec![n_embd, n_ff]),
-                    ("ffn_up_shexp", vec![n_embd, n_ff]),
-                ] {
-                    v.push(t(n(name), dims, q8, quant(inv_sqrt(n_embd))));
-                }
-                v.push(t(
-                    n("ffn_down_shexp"),
-                    vec![n_ff, n_embd],
-                    q8,
-                    quant(inv_sqrt(n_ff)),
-                ));
+                dense_ffn(&mut v, "_shexp", n_ff);
             }
         }
         v.push(t(
