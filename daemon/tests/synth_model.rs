@@ -379,3 +379,81 @@ fn a_killed_runs_temp_file_is_removed_by_the_next_run() {
     assert!(!stale.exists(), "the dead run's temp file is gone");
     assert!(live.exists(), "a live run's temp file stays");
 }
+
+/// FNV-1a (64 bit) of `bytes`: pins a file's content in a test.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The presets' bytes do not change by accident (new options leave them alone): the tiny
+/// preset's file, seed 0, is pinned. A deliberate change of the generator updates the
+/// digest here (and regenerates the benchmark models, whose results it would change).
+#[test]
+fn the_tiny_preset_is_byte_for_byte_what_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("tiny.gguf");
+    synth::write_model(&SynthConfig::preset(Preset::Tiny), &p, 2).expect("write");
+    let bytes = std::fs::read(&p).expect("read");
+    assert_eq!(
+        (bytes.len(), format!("{:016x}", fnv1a(&bytes))),
+        (TINY_LEN, TINY_FNV.to_string())
+    );
+}
+/// Measured on 2026-11-24; a tiny.gguf the tests wrote a day earlier, before this
+/// session's synth changes (Q6_K, hy_v3), has the same digest.
+const TINY_LEN: usize = 15_716_768;
+const TINY_FNV: &str = "d55c53dc0defe42d";
+
+/// hy_v3: fused gate/up experts, a shared expert, a dense first layer without experts;
+/// the summary counts the experts of the MoE layers only.
+#[test]
+fn hy_v3_has_fused_experts_a_shared_expert_and_a_dense_first_layer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("hy.gguf");
+    let mut cfg = SynthConfig::preset(Preset::Tiny);
+    cfg.arch = synth::SynthArch::HyV3;
+    synth::write_model(&cfg, &p, 2).expect("write");
+    let f = GgufFile::open(&p).expect("read back");
+    assert_eq!(
+        f.get("general.architecture"),
+        Some(&Value::String("hy_v3".into()))
+    );
+    let key = |k: &str| f.get(&format!("hy_v3.{k}")).and_then(Value::as_u64);
+    assert_eq!(key("feed_forward_length"), Some(u64::from(cfg.dense_ffn())));
+    assert_eq!(
+        key("expert_feed_forward_length"),
+        Some(u64::from(cfg.expert_ffn))
+    );
+    assert_eq!(
+        key("expert_shared_feed_forward_length"),
+        Some(u64::from(cfg.expert_ffn))
+    );
+    let (e, ff, n) = (
+        u64::from(cfg.n_embd),
+        u64::from(cfg.expert_ffn),
+        u64::from(cfg.n_expert),
+    );
+    let dims = |name: &str| f.tensor(name).map(|t| t.dims.clone());
+    assert_eq!(
+        dims("blk.0.ffn_gate.weight"),
+        Some(vec![e, u64::from(cfg.dense_ffn())])
+    );
+    assert_eq!(dims("blk.0.ffn_gate_inp.weight"), None);
+    assert_eq!(dims("blk.0.ffn_down_exps.weight"), None);
+    for l in 1..cfg.layers {
+        let d = |s: &str| dims(&format!("blk.{l}.{s}.weight"));
+        assert_eq!(d("ffn_gate_up_exps"), Some(vec![e, 2 * ff, n]));
+        assert_eq!(d("ffn_gate_exps"), None);
+        assert_eq!(d("ffn_down_exps"), Some(vec![ff, e, n]));
+        assert_eq!(d("ffn_gate_shexp"), Some(vec![e, ff]));
+        assert_eq!(d("ffn_down_shexp"), Some(vec![ff, e]));
+    }
+    let info = ModelInfo::from_gguf(&f).expect("summary");
+    let one_expert =
+        GgmlType::Q4_K.row_bytes(e).unwrap() * 2 * ff + GgmlType::Q4_K.row_bytes(ff).unwrap() * e;
+    let expected: BTreeMap<u32, u64> = (1..cfg.layers).map(|l| (l, one_expert)).collect();
+    assert_eq!(info.expert_bytes_per_layer, expected);
+    assert_eq!(cfg.moe_layers(), cfg.layers - 1);
+}

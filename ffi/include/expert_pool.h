@@ -47,12 +47,13 @@
  *   ep_pool_delete. Prefetches never evict them. So one pool serves one sequence of
  *   graph computations at a time (llama.cpp runs a model's graph ops sequentially);
  *   contexts that compute concurrently need a pool each.
- * - The only thread the pool starts is the stats writer (when stats_path is set); it
- *   reads counters under the lock and never calls callbacks.
+ * - The only thread the pool starts is the stats writer (when stats_path or trace_path
+ *   is set); it reads counters and copies new trace tokens under the lock, writes
+ *   files outside it, and never calls callbacks.
  *
  * ---- Stats file -----------------------------------------------------------------
  * With cfg.stats_path set, a background thread rewrites that file atomically (write
- * "<path>.tmp.<pid>", rename over <path>) every stats_interval_ms (default 1000), and
+ * "<path>.tmp.<pid>.<n>", rename over <path>) every stats_interval_ms (default 1000), and
  * once more at ep_pool_delete and on ep_pool_publish_stats. Content: one JSON object
  *   {"format":"expert-pool-stats","version":1,"pid":N,"unix_ms":N,
  *    "io":"io_uring"|"pread","direct_files":N,"files":N,"policy":"lfu-decay",
@@ -148,7 +149,12 @@ typedef struct ep_pool_config {
                                        written atomically at ep_pool_delete, on
                                        ep_pool_publish_stats, and every 10 s while it
                                        grows (by the pool's background thread, so a
-                                       killed process keeps all but the last seconds).
+                                       killed process keeps all but the last seconds;
+                                       a long trace is written less often, so that its
+                                       writes take at most a tenth of the time). Each
+                                       write is skipped when the file already holds as
+                                       many tokens (a file removed meanwhile is not
+                                       written again until a token arrives).
                                        A token enters it once
                                        every registered layer served it in one ubatch
                                        (in practice: generated tokens). */

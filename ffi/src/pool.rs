@@ -359,12 +359,13 @@ struct Inner {
 pub struct Pool {
     inner: Arc<Mutex<Inner>>,
     publisher: Option<Publisher>,
-    /// Tokens in the routing trace file, shared by every writer of it.
-    trace_written: Arc<Mutex<usize>>,
+    /// The routing trace's file, if one is recorded (shared with the publisher thread).
+    trace_file: Option<Arc<crate::trace::TraceFile>>,
 }
 
-/// How often the background thread writes a routing trace that grew (a whole atomic
-/// rewrite, from a copy taken under the pool's lock token by token).
+/// How often the background thread writes a routing trace that grew, at the least (a
+/// whole atomic rewrite: the wait after a write is also at least ten times the write's
+/// own time, so a long trace never takes more than a tenth of the disk's time).
 pub const TRACE_WRITE_EVERY: Duration = Duration::from_secs(10);
 
 struct Publisher {
@@ -409,7 +410,10 @@ impl Pool {
             ahead_layer: None,
             fresh_fills: Vec::new(),
             fill_ids: Vec::new(),
-            trace: cfg.trace_path.clone().map(crate::trace::Recorder::new),
+            trace: cfg
+                .trace_path
+                .is_some()
+                .then(crate::trace::Recorder::default),
         };
         if let Some(why) = inner.io.uring_refused.clone() {
             inner.warn(format!(
@@ -417,8 +421,10 @@ impl Pool {
             ));
         }
         let inner = Arc::new(Mutex::new(inner));
-        let trace_written = Arc::new(Mutex::new(0));
-        let publisher = (cfg.stats_path.is_some() || cfg.trace_path.is_some()).then(|| {
+        let trace_file = cfg
+            .trace_path
+            .map(|p| Arc::new(crate::trace::TraceFile::new(p)));
+        let publisher = (cfg.stats_path.is_some() || trace_file.is_some()).then(|| {
             let interval = Duration::from_millis(match cfg.stats_interval_ms {
                 0 => 1000,
                 ms => u64::from(ms),
@@ -429,16 +435,14 @@ impl Pool {
             };
             spawn_publisher(
                 Arc::clone(&inner),
-                cfg.stats_path,
-                cfg.trace_path
-                    .map(|p| (p, Arc::clone(&trace_written), trace_every)),
-                interval,
+                cfg.stats_path.map(|p| (p, interval)),
+                trace_file.clone().map(|f| (f, trace_every)),
             )
         });
         Ok(Pool {
             inner,
             publisher,
-            trace_written,
+            trace_file,
         })
     }
 
@@ -597,15 +601,16 @@ impl Pool {
     pub fn publish_stats(&self) -> Result<()> {
         let (snap, path) = {
             let g = self.lock()?;
-            if let Some(t) = &g.trace {
-                t.write(&self.trace_written)?;
+            if let (Some(r), Some(f)) = (&g.trace, &self.trace_file) {
+                f.sync_from(r);
             }
-            let path = g
-                .stats_path
-                .clone()
-                .ok_or_else(|| PoolError::State("the pool has no stats file".into()))?;
-            (g.snapshot(), path)
+            (g.snapshot(), g.stats_path.clone())
         };
+        if let Some(f) = &self.trace_file {
+            f.write()
+                .map_err(|e| PoolError::State(format!("writing the routing trace: {e}")))?;
+        }
+        let path = path.ok_or_else(|| PoolError::State("the pool has no stats file".into()))?;
         metrics::write_atomic(&path, &snap).map_err(|source| PoolError::Io {
             path: path.display().to_string(),
             offset: 0,
@@ -707,8 +712,9 @@ impl Drop for Pool {
             let _ = p.handle.join();
         }
         if let Ok(g) = self.inner.lock() {
-            if let Some(t) = &g.trace {
-                let _ = t.write(&self.trace_written);
+            if let (Some(r), Some(f)) = (&g.trace, &self.trace_file) {
+                f.sync_from(r);
+                let _ = f.write();
             }
             if let Some(path) = g.stats_path.clone() {
                 let snap = g.snapshot();
@@ -719,51 +725,49 @@ impl Drop for Pool {
     }
 }
 
-/// The background thread: the stats file every `interval`, and a growing routing trace
-/// at its own interval (from its own copy, which takes only the new tokens under
-/// the lock, and is written outside it).
+/// The background thread: the stats file every `stats.1`, and a growing routing trace
+/// every `trace.1` at the least (see [`TRACE_WRITE_EVERY`]); the trace's new tokens are
+/// taken under the pool's lock, the file is written outside it.
 fn spawn_publisher(
     inner: Arc<Mutex<Inner>>,
-    stats: Option<PathBuf>,
-    trace: Option<(PathBuf, Arc<Mutex<usize>>, Duration)>,
-    interval: Duration,
+    stats: Option<(PathBuf, Duration)>,
+    trace: Option<(Arc<crate::trace::TraceFile>, Duration)>,
 ) -> Publisher {
     let (stop, rx) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("expert-pool-stats".into())
         .spawn(move || {
-            let mut copy: Option<crate::trace::Trace> = None;
-            let trace_every = trace.as_ref().map_or(TRACE_WRITE_EVERY, |t| t.2);
-            let mut trace_due = Instant::now() + trace_every;
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
-                let write_trace = trace.is_some() && Instant::now() >= trace_due;
-                let (snap, grew) = {
+            let start = Instant::now();
+            let mut next_stats = stats.as_ref().map(|s| start + s.1);
+            let mut next_trace = trace.as_ref().map(|t| start + t.1);
+            loop {
+                let Some(next) = next_stats.into_iter().chain(next_trace).min() else {
+                    return;
+                };
+                let wait = next.saturating_duration_since(Instant::now());
+                if !matches!(rx.recv_timeout(wait), Err(mpsc::RecvTimeoutError::Timeout)) {
+                    return; // stopped (or the pool is gone)
+                }
+                let now = Instant::now();
+                let do_stats = next_stats.is_some_and(|t| now >= t);
+                let do_trace = next_trace.is_some_and(|t| now >= t);
+                let snap = {
                     let Ok(g) = inner.lock() else {
                         return;
                     };
-                    let snap = stats.as_ref().map(|_| g.snapshot());
-                    let mut grew = false;
-                    if let (true, Some(t)) = (write_trace, g.trace.as_ref().and_then(|r| r.trace()))
-                    {
-                        let have = copy.as_ref().map_or(0, crate::trace::Trace::tokens);
-                        if t.tokens() > have {
-                            match copy.as_mut() {
-                                Some(c) => c.extend_from(t, have),
-                                None => copy = Some(t.clone()),
-                            }
-                            grew = true;
-                        }
+                    if let (true, Some(r), Some((f, _))) = (do_trace, &g.trace, &trace) {
+                        f.sync_from(r);
                     }
-                    (snap, grew)
+                    do_stats.then(|| g.snapshot())
                 };
-                if let (Some(path), Some(snap)) = (&stats, snap) {
+                if let (Some(snap), Some((path, every))) = (snap, &stats) {
                     let _ = metrics::write_atomic(path, &snap);
+                    next_stats = Some(now + *every);
                 }
-                if write_trace {
-                    trace_due = Instant::now() + trace_every;
-                }
-                if let (true, Some((path, written, _)), Some(c)) = (grew, &trace, &copy) {
-                    let _ = crate::trace::write_newer(c, path, written);
+                if let (true, Some((f, every))) = (do_trace, &trace) {
+                    let t0 = Instant::now();
+                    let _ = f.write();
+                    next_trace = Some(Instant::now() + (*every).max(t0.elapsed() * 10));
                 }
             }
         })

@@ -792,15 +792,15 @@ mod tests {
     }
 }
 
-/// Records the routing a pool serves into a [`Trace`], written to a file on demand
-/// (`--expert-pool-trace`). The pool calls [`Recorder::record`] for every served request
+/// Records the routing a pool serves into a [`Trace`] (`--expert-pool-trace`; the file
+/// is a [`TraceFile`]). The pool calls [`Recorder::record`] for every served request
 /// or stage call; a token enters the trace once every registered layer has reported it
 /// within one ubatch (layers in registration order, the first one starting a ubatch).
 /// Ubatches whose layers saw different token counts are left out and counted in
 /// [`Recorder::dropped`]: llama.cpp's last layer computes only the output rows of a
 /// prompt, so in practice the trace holds the generated tokens and single-token steps.
+#[derive(Default)]
 pub struct Recorder {
-    path: std::path::PathBuf,
     trace: Option<Trace>,
     /// Ids of the ubatch being assembled, per layer position.
     pending: Vec<Option<Vec<u16>>>,
@@ -811,17 +811,6 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// A recorder that writes to `path`.
-    pub fn new(path: std::path::PathBuf) -> Recorder {
-        Recorder {
-            path,
-            trace: None,
-            pending: Vec::new(),
-            pending_tokens: None,
-            dropped: 0,
-        }
-    }
-
     /// The trace so far (`None` before the first recorded ubatch).
     pub fn trace(&self) -> Option<&Trace> {
         self.trace.as_ref()
@@ -897,55 +886,68 @@ impl Recorder {
             }
         }
     }
+}
 
-    /// The file the trace is written to.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+/// The file a [`Recorder`]'s trace is written to, shared by every thread that writes it
+/// (the pool's publisher thread, `publish_stats`, the pool's drop). It keeps its own copy
+/// of the trace: [`TraceFile::sync_from`], called under the pool's lock, appends only the
+/// tokens the copy lacks; [`TraceFile::write`], called without it, writes the copy
+/// atomically. Writes are serialised and never replace the file with fewer tokens.
+pub struct TraceFile {
+    path: std::path::PathBuf,
+    /// The copy and the tokens in the file; held only briefly (never during I/O).
+    state: std::sync::Mutex<(Option<Trace>, usize)>,
+    /// Held for the length of a write, so writes land in order.
+    writing: std::sync::Mutex<()>,
+}
 
-    /// Writes the trace recorded so far (atomically) unless `written` says a write of as
-    /// many tokens or more is in place already; `written` orders this write with the
-    /// others to the same path (the pool's publisher thread writes a copy). Nothing to
-    /// write is not an error.
-    pub fn write(&self, written: &std::sync::Mutex<usize>) -> crate::error::Result<()> {
-        match &self.trace {
-            Some(t) => write_newer(t, &self.path, written),
-            None => Ok(()),
+impl TraceFile {
+    /// The trace file at `path` (nothing is written until there is a token).
+    pub fn new(path: std::path::PathBuf) -> TraceFile {
+        TraceFile {
+            path,
+            state: std::sync::Mutex::new((None, 0)),
+            writing: std::sync::Mutex::new(()),
         }
     }
-}
 
-/// Writes `trace` to `path` if it holds more tokens than the last write recorded in
-/// `written` (the writes of a growing trace, from two threads, then never go backwards).
-pub fn write_newer(
-    trace: &Trace,
-    path: &Path,
-    written: &std::sync::Mutex<usize>,
-) -> crate::error::Result<()> {
-    let mut last = written
-        .lock()
-        .map_err(|_| crate::error::PoolError::Internal("trace writer poisoned".into()))?;
-    if trace.tokens() <= *last {
-        return Ok(());
-    }
-    trace
-        .write(path, false)
-        .map_err(|e| crate::error::PoolError::State(format!("writing the routing trace: {e}")))?;
-    *last = trace.tokens();
-    Ok(())
-}
-
-impl Trace {
-    /// Appends the tokens of `other` (same shape) from token `from` on; the publisher's
-    /// copy of a growing trace takes only what is new.
-    pub fn extend_from(&mut self, other: &Trace, from: usize) {
-        if (self.layers, self.experts, self.used) != (other.layers, other.experts, other.used) {
+    /// Takes the tokens `rec` has that the copy lacks (all of them if its shape changed).
+    pub fn sync_from(&self, rec: &Recorder) {
+        let Some(t) = rec.trace() else {
             return;
+        };
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        match &mut state.0 {
+            Some(c) if (c.layers, c.experts, c.used) == (t.layers, t.experts, t.used) => {
+                let per_token = (c.layers * c.used) as usize;
+                if let Some(new) = t.ids.get(c.tokens() * per_token..) {
+                    c.ids.extend_from_slice(new);
+                }
+            }
+            copy => *copy = Some(t.clone()),
         }
-        let per_token = (self.layers * self.used) as usize;
-        if let Some(new) = other.ids.get(from * per_token..) {
-            self.ids.extend_from_slice(new);
-        }
+    }
+
+    /// Writes the copy if it holds more tokens than the file (also after a failed write:
+    /// the next call tries again). Nothing to write is not an error.
+    pub fn write(&self) -> Result<(), TraceError> {
+        let poisoned = || TraceError::Invalid("a trace writer panicked".into());
+        let _order = self.writing.lock().map_err(|_| poisoned())?;
+        let (data, tokens) = {
+            let state = self.state.lock().map_err(|_| poisoned())?;
+            match &state.0 {
+                Some(c) if c.tokens() > state.1 => (c.to_binary(), c.tokens()),
+                _ => return Ok(()),
+            }
+        };
+        write_synced(&self.path, &data).map_err(|source| TraceError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        self.state.lock().map_err(|_| poisoned())?.1 = tokens;
+        Ok(())
     }
 }
 
@@ -958,7 +960,7 @@ mod recorder_tests {
         let dir = std::env::temp_dir().join(format!("ep-rec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.bin");
-        let mut r = Recorder::new(path.clone());
+        let mut r = Recorder::default();
         let order = [1, 3];
         // A two-token ubatch, both layers.
         r.record(&order, 1, 8, &[0, 1, 2, 3], 2, 2, 2);
@@ -975,15 +977,26 @@ mod recorder_tests {
         r.record(&order, 1, 8, &[1, 2, 9, 9], 2, 1, 4);
         r.record(&order, 3, 8, &[3, 4, 9, 9], 2, 1, 4);
         assert_eq!(r.trace().unwrap().get(2, 0), &[1, 2]);
-        let written = std::sync::Mutex::new(0);
-        r.write(&written).unwrap();
+        let file = TraceFile::new(path.clone());
+        file.write().unwrap();
+        assert!(!path.exists(), "nothing synced yet, nothing written");
+        file.sync_from(&r);
+        file.write().unwrap();
         let back = Trace::read(&path).unwrap();
         assert_eq!(back.tokens(), 3);
-        assert_eq!(*written.lock().unwrap(), 3);
         // A write of no more tokens than the file has is skipped.
         std::fs::remove_file(&path).unwrap();
-        r.write(&written).unwrap();
+        file.sync_from(&r);
+        file.write().unwrap();
         assert!(!path.exists());
+        // New tokens are appended to the copy, and written.
+        r.record(&order, 1, 8, &[6, 7], 2, 1, 2);
+        r.record(&order, 3, 8, &[0, 5], 2, 1, 2);
+        file.sync_from(&r);
+        file.write().unwrap();
+        let back = Trace::read(&path).unwrap();
+        assert_eq!(back.ids, r.trace().unwrap().ids);
+        assert_eq!(back.tokens(), 4);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -164,6 +164,9 @@ fn check_exact_arch(
             .collect();
         let moe: Vec<u64> = (u64::from(config.layers) - layers..u64::from(config.layers)).collect();
         assert_eq!(served, moe, "{s}");
+        for l in s["layers"].as_array().unwrap() {
+            assert!(l["counters"]["requests"].as_u64().unwrap() >= 63, "{s}");
+        }
         assert_eq!(total["errors"], 0, "{s}");
         // Decode read-ahead (prefetch on) filled misses from reads started a layer
         // early; off, none (a prompt's last layer, served by a request, gets no
@@ -313,8 +316,8 @@ fn the_routing_trace_survives_a_killed_engine() {
     .unwrap();
     let (tokens, _) = server.greedy(PROMPT, 16).unwrap();
     assert_eq!(tokens.len(), 16);
-    // Decode steps after the prompt's (whose last layer computes only the output row, so
-    // the prompt is not a token of the trace).
+    // The 15 decode steps after the prompt's (whose last layer computes only the output
+    // row, so the prompt is not a token of the trace), on disk while the engine runs.
     let start = std::time::Instant::now();
     let t = loop {
         match expert_pool::trace::Trace::read(&trace) {
@@ -333,13 +336,18 @@ fn the_routing_trace_survives_a_killed_engine() {
         .unwrap();
     assert!(status.success());
     drop(server);
+    // still whole and the same after the kill
     let after = expert_pool::trace::Trace::read(&trace).unwrap();
-    assert_eq!(after.ids, t.ids, "the file changed after the kill");
+    assert_eq!(after.ids, t.ids);
     assert_eq!(
-        (t.layers, t.experts, t.used),
-        (config.moe_layers(), config.n_expert, config.n_expert_used)
+        (t.layers, t.experts, t.used, t.tokens()),
+        (
+            config.moe_layers(),
+            config.n_expert,
+            config.n_expert_used,
+            15
+        )
     );
-    assert!(t.tokens() <= 16, "{} tokens", t.tokens());
 }
 
 #[test]

@@ -278,6 +278,12 @@ impl SynthConfig {
         f64::from(self.context_weight) * (f64::from(l) + 1.0).powf(-f64::from(self.context_decay))
     }
 
+    /// `feed_forward_length`: the width of a dense FFN (hy_v3's first layer), as wide as
+    /// the experts a token uses together.
+    pub fn dense_ffn(&self) -> u32 {
+        self.expert_ffn.saturating_mul(self.n_expert_used)
+    }
+
     /// Layers with experts (hy_v3's first layer has none).
     pub fn moe_layers(&self) -> u32 {
         match self.arch {
@@ -565,7 +571,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         };
         if c.arch == SynthArch::HyV3 && l == 0 {
             // a leading dense layer, as DeepSeek-style models have: no experts
-            dense_ffn(&mut v, "", n_ff * u64::from(c.n_expert_used));
+            dense_ffn(&mut v, "", u64::from(c.dense_ffn()));
             continue;
         }
         v.push(t(
@@ -637,11 +643,9 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
         (a("block_count"), Value::U32(c.layers)),
         (a("context_length"), Value::U32(c.ctx)),
         (a("embedding_length"), Value::U32(c.n_embd)),
-        // Unused when expert_feed_forward_length is set; real qwen3moe files carry it.
-        (
-            a("feed_forward_length"),
-            Value::U32(c.expert_ffn * c.n_expert_used),
-        ),
+        // qwen3moe ignores it when expert_feed_forward_length is set (real files carry
+        // it); hy_v3 sizes its dense first layer with it.
+        (a("feed_forward_length"), Value::U32(c.dense_ffn())),
         (a("expert_feed_forward_length"), Value::U32(c.expert_ffn)),
         (a("attention.head_count"), Value::U32(c.n_head)),
         (a("attention.head_count_kv"), Value::U32(c.n_head_kv)),

@@ -27,8 +27,9 @@ const Q8_STD: f64 = 73.467_254_950_258_6;
 const Q4K_SCALE: u8 = 8;
 const Q4K_MIN: u8 = 60;
 const Q4K_STD_PER_D: f64 = 36.878_177_829_171_55;
-/// Every Q6_K sub-block uses scale 16, and the 6-bit quant q is uniform over 1..=63 (0
-/// replaced by 32), so a weight is 16d (q - 32): zero mean, std 16d * sqrt(20832 / 64).
+/// Every Q6_K sub-block uses scale 16, and the 6-bit quant q is a uniform byte's low six
+/// bits with 0 replaced by 32 (so 32 is twice as likely as the others), so a weight is
+/// 16d (q - 32) in -31..=31, symmetric: zero mean, std 16d * sqrt(20832 / 64).
 const Q6K_SCALE: i8 = 16;
 const Q6K_STD_PER_D: f64 = 288.665_896_842_699_45;
 
@@ -301,6 +302,26 @@ mod tests {
         let (mean, std) = stats(&dequant_q8_0(&buf));
         assert!(mean.abs() < 0.05 * 0.01, "mean {mean}");
         assert!((std / 0.05 - 1.0).abs() < 0.01, "std {std}");
+    }
+
+    #[test]
+    fn q6_k_dequant_reads_every_sub_block_scale_in_order() {
+        // One block, every quant q = 33 (weight d * scale), d = 1, sixteen different
+        // scales (some negative): weight i is the scale of sub-block i / 16.
+        let scales: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8];
+        let mut b = vec![0u8; Q6_K_BYTES];
+        // q = 33 = 0b10_0001: low nibble 1 (both nibbles of every ql byte), high bits 2
+        // (every 2-bit field of every qh byte)
+        b[..128].fill(0x11);
+        b[128..192].fill(0b1010_1010);
+        for (i, &sc) in scales.iter().enumerate() {
+            b[192 + i] = sc as u8;
+        }
+        b[208..210].copy_from_slice(&f32_to_f16(1.0).to_le_bytes());
+        let w = dequant_q6_k(&b);
+        for (i, &x) in w.iter().enumerate() {
+            assert_eq!(x, f32::from(scales[i / 16]), "weight {i}");
+        }
     }
 
     #[test]
