@@ -121,15 +121,15 @@ pub fn parse_cpu_max(text: &str) -> Option<f64> {
     Some(q / period)
 }
 
-/// The directory of a cgroup in a mount, from the membership path.
+/// The directory of a cgroup in a mount, from the membership path: the mount's root is
+/// taken off it as whole path components (a root of `/docker/abc` leaves
+/// `/docker/abcdef` alone).
 fn cgroup_dir(m: &Mount, path: &str, root: &Path) -> PathBuf {
-    let rel = if m.root != "/" {
-        path.strip_prefix(m.root.as_str()).unwrap_or(path)
-    } else {
-        path
-    };
+    let rel = Path::new(path)
+        .strip_prefix(&m.root)
+        .unwrap_or(Path::new(path.trim_start_matches('/')));
     let mp = m.mount_point.strip_prefix("/").unwrap_or(&m.mount_point);
-    root.join(mp).join(rel.trim_start_matches('/'))
+    root.join(mp).join(rel)
 }
 
 /// The smallest value of `file` parsed with `parse` from `dir` up to `top` (inclusive).
@@ -332,6 +332,23 @@ mod tests {
         assert_eq!(
             cgroup_dir(&m, "/docker/abc", Path::new("/")),
             Path::new("/sys/fs/cgroup/memory/")
+        );
+        assert_eq!(
+            cgroup_dir(&m, "/docker/abc/inner", Path::new("/")),
+            Path::new("/sys/fs/cgroup/memory/inner")
+        );
+        // another cgroup whose name starts like the root: not under it
+        assert_eq!(
+            cgroup_dir(&m, "/docker/abcdef", Path::new("/")),
+            Path::new("/sys/fs/cgroup/memory/docker/abcdef")
+        );
+        let top = Mount {
+            root: "/".into(),
+            ..m
+        };
+        assert_eq!(
+            cgroup_dir(&top, "/user.slice/a", Path::new("/r")),
+            Path::new("/r/sys/fs/cgroup/memory/user.slice/a")
         );
     }
 }
