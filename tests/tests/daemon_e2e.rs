@@ -323,6 +323,13 @@ fn a_split_model_is_served_and_a_replaced_split_restarts_the_engine() {
     let listed: Vec<String> = splits.iter().map(|p| p.display().to_string()).collect();
     assert_eq!(s["model"]["splits"], serde_json::json!(listed));
     assert!(d.complete("Split model", 4).is_ok());
+    let out = std::process::Command::new(expertd_binary())
+        .args(["status", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains("split over 3 files"), "{human}");
 
     // The third split of the same model with other weights, downloaded next to it and
     // renamed into place.

@@ -123,10 +123,16 @@ pub fn summary(d: &serde_json::Value) -> String {
     o.push_str(&line);
     o.push('\n');
     let (source, path) = (s(&d["model"]["source"]), s(&d["model"]["path"]));
-    if source == path {
-        o.push_str(&format!("model: {source}\n"));
+    let splits = d["model"]["splits"].as_array().map_or(0, Vec::len);
+    let files = if splits > 1 {
+        format!(", split over {splits} files")
     } else {
-        o.push_str(&format!("model: {source} ({path})\n"));
+        String::new()
+    };
+    if source == path {
+        o.push_str(&format!("model: {source}{files}\n"));
+    } else {
+        o.push_str(&format!("model: {source} ({path}{files})\n"));
     }
     let p = &d["plan"];
     if p.is_object() {
