@@ -150,6 +150,8 @@ typedef struct ep_pool_config {
                                        ep_pool_publish_stats, and every 10 s while it
                                        grows (by the pool's background thread, so a
                                        killed process keeps all but the last seconds;
+                                       the pool keeps a second copy of the trace in
+                                       memory for these writes;
                                        a long trace is written less often, so that its
                                        writes take at most a tenth of the time). Each
                                        write is skipped when the file already holds as
