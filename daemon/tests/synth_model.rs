@@ -406,10 +406,10 @@ fn the_tiny_preset_is_byte_for_byte_what_it_was() {
 const TINY_LEN: usize = 15_716_768;
 const TINY_FNV: &str = "d55c53dc0defe42d";
 
-/// hy_v3: fused gate/up experts, a shared expert, a dense first layer without experts;
-/// the summary counts the experts of the MoE layers only.
+/// hy_v3: fused gate/up experts, a shared expert, dense layers without experts (the first
+/// and the middle one); the summary counts the experts of the MoE layers only.
 #[test]
-fn hy_v3_has_fused_experts_a_shared_expert_and_a_dense_first_layer() {
+fn hy_v3_has_fused_experts_a_shared_expert_and_dense_layers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("hy.gguf");
     let mut cfg = SynthConfig::preset(Preset::Tiny);
@@ -436,13 +436,15 @@ fn hy_v3_has_fused_experts_a_shared_expert_and_a_dense_first_layer() {
         u64::from(cfg.n_expert),
     );
     let dims = |name: &str| f.tensor(name).map(|t| t.dims.clone());
-    assert_eq!(
-        dims("blk.0.ffn_gate.weight"),
-        Some(vec![e, u64::from(cfg.dense_ffn())])
-    );
-    assert_eq!(dims("blk.0.ffn_gate_inp.weight"), None);
-    assert_eq!(dims("blk.0.ffn_down_exps.weight"), None);
-    for l in 1..cfg.layers {
+    let dense: Vec<u32> = (0..cfg.layers).filter(|&l| cfg.is_dense(l)).collect();
+    assert_eq!(dense, [0, cfg.layers / 2]);
+    for &l in &dense {
+        let d = |s: &str| dims(&format!("blk.{l}.{s}.weight"));
+        assert_eq!(d("ffn_gate"), Some(vec![e, u64::from(cfg.dense_ffn())]));
+        assert_eq!(d("ffn_gate_inp"), None);
+        assert_eq!(d("ffn_down_exps"), None);
+    }
+    for l in (0..cfg.layers).filter(|l| !dense.contains(l)) {
         let d = |s: &str| dims(&format!("blk.{l}.{s}.weight"));
         assert_eq!(d("ffn_gate_up_exps"), Some(vec![e, 2 * ff, n]));
         assert_eq!(d("ffn_gate_exps"), None);
@@ -453,7 +455,10 @@ fn hy_v3_has_fused_experts_a_shared_expert_and_a_dense_first_layer() {
     let info = ModelInfo::from_gguf(&f).expect("summary");
     let one_expert =
         GgmlType::Q4_K.row_bytes(e).unwrap() * 2 * ff + GgmlType::Q4_K.row_bytes(ff).unwrap() * e;
-    let expected: BTreeMap<u32, u64> = (1..cfg.layers).map(|l| (l, one_expert)).collect();
+    let expected: BTreeMap<u32, u64> = (0..cfg.layers)
+        .filter(|l| !dense.contains(l))
+        .map(|l| (l, one_expert))
+        .collect();
     assert_eq!(info.expert_bytes_per_layer, expected);
-    assert_eq!(cfg.moe_layers(), cfg.layers - 1);
+    assert_eq!(cfg.moe_layers(), cfg.layers - 2);
 }

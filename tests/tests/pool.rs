@@ -19,13 +19,15 @@ const PROMPT: &str = "An expert pool keeps the experts of every layer that the r
     needs more experts than there are slots, so it is computed from a staging area.";
 
 fn model(dir: &Path, preset: Preset, experts: ExpertType, seed: u64) -> (PathBuf, SynthConfig) {
-    model_of(dir, preset, SynthArch::Qwen3Moe, experts, seed)
+    model_of(dir, preset, SynthArch::Qwen3Moe, None, experts, seed)
 }
 
+/// A model of `preset` with `arch`, `layers` (or the preset's) and `experts`.
 fn model_of(
     dir: &Path,
     preset: Preset,
     arch: SynthArch,
+    layers: Option<u32>,
     experts: ExpertType,
     seed: u64,
 ) -> (PathBuf, SynthConfig) {
@@ -33,6 +35,7 @@ fn model_of(
     config.seed = seed;
     config.expert_type = experts;
     config.arch = arch;
+    config.layers = layers.unwrap_or(config.layers);
     let path = dir.join(format!(
         "{}-{}-{:?}-{seed}.gguf",
         preset.name(),
@@ -83,7 +86,7 @@ fn check_exact(
 ) {
     check_exact_arch(
         preset,
-        SynthArch::Qwen3Moe,
+        (SynthArch::Qwen3Moe, None),
         experts,
         slots,
         prefetch_at,
@@ -91,16 +94,17 @@ fn check_exact(
     );
 }
 
+/// [`check_exact`] on a model of another architecture (and layer count, if given).
 fn check_exact_arch(
     preset: Preset,
-    arch: SynthArch,
+    (arch, layers): (SynthArch, Option<u32>),
     experts: ExpertType,
     slots: &[u32],
     prefetch_at: &[u32],
     wait_all_at: &[u32],
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let (path, config) = model_of(dir.path(), preset, arch, experts, 5);
+    let (path, config) = model_of(dir.path(), preset, arch, layers, experts, 5);
     let n_probs = config.vocab as usize;
     assert!(slots.contains(&config.n_expert_used) && slots.contains(&config.n_expert));
 
@@ -155,14 +159,17 @@ fn check_exact_arch(
         let total = &s["total"];
         let layers = u64::from(config.moe_layers());
         assert!(total["requests"].as_u64().unwrap() >= 63 * layers, "{s}");
-        // the pool serves exactly the layers with experts (hy_v3's first is dense)
+        // the pool serves exactly the layers with experts (hy_v3 has dense ones)
         let served: Vec<u64> = s["layers"]
             .as_array()
             .unwrap()
             .iter()
             .map(|l| l["layer"].as_u64().unwrap())
             .collect();
-        let moe: Vec<u64> = (u64::from(config.layers) - layers..u64::from(config.layers)).collect();
+        let moe: Vec<u64> = (0..config.layers)
+            .filter(|&l| !config.is_dense(l))
+            .map(u64::from)
+            .collect();
         assert_eq!(served, moe, "{s}");
         for l in s["layers"].as_array().unwrap() {
             assert!(l["counters"]["requests"].as_u64().unwrap() >= 63, "{s}");
@@ -184,11 +191,20 @@ fn check_exact_arch(
                 "prompt not staged: {s}"
             );
             assert!(total["misses"].as_u64().unwrap() > 0, "{s}");
-            // The prompt's later layers were read ahead while the previous one computed.
-            assert!(
-                total["stage_ahead_used"].as_u64().unwrap() > 0,
-                "nothing read ahead for staging: {s}"
-            );
+            // The prompt's later layers were read ahead while the previous MoE layer
+            // computed (across dense layers between them), all but the first MoE layer
+            // and the model's last (which computes the output row only, not staged).
+            let last = u64::from(config.layers - 1);
+            let read_ahead: Vec<u64> = served[1..].iter().copied().filter(|&l| l != last).collect();
+            for l in s["layers"].as_array().unwrap() {
+                if read_ahead.contains(&l["layer"].as_u64().unwrap()) {
+                    assert!(
+                        l["counters"]["stage_ahead_used"].as_u64().unwrap() > 0,
+                        "layer {} not read ahead for staging: {s}",
+                        l["layer"]
+                    );
+                }
+            }
         } else {
             assert_eq!(total["staged"], 0, "{s}");
         }
@@ -223,11 +239,14 @@ fn pool_is_bit_exact_on_tiny_q4_k_m() {
 #[test]
 fn pool_is_bit_exact_on_fused_gate_up_experts() {
     // hy_v3: gate and up in one expert tensor (the pool's GATE_UP projection, read and
-    // waited for before down), a shared expert outside the pool, sigmoid routing, and a
-    // dense first layer the pool does not serve.
+    // waited for before down), a shared expert outside the pool, sigmoid routing, and
+    // dense layers the pool does not serve: the first, and one between two MoE layers,
+    // which read-ahead (staging, and decode with prefetch on) skips to the next MoE layer.
+    // Six layers: dense 0 and 3, MoE 1, 2, 4, 5 (a prompt's last layer is never staged,
+    // so read-ahead across layer 3 needs MoE layers after 4).
     check_exact_arch(
         Preset::Tiny,
-        SynthArch::HyV3,
+        (SynthArch::HyV3, Some(6)),
         ExpertType::Q4K,
         &[4, 8, 32],
         &[4],

@@ -48,8 +48,9 @@ pub enum SynthArch {
     Qwen3Moe,
     /// `hy_v3`: gate and up experts fused in one tensor (`ffn_gate_up_exps`, as newer
     /// conversions of DeepSeek and Qwen3.5 MoE models have them), a shared expert every
-    /// token uses, sigmoid routing, and a first layer with a dense FFN and no experts (as
-    /// DeepSeek-style models lead with).
+    /// token uses, sigmoid routing, and dense layers without experts: the first (as
+    /// DeepSeek-style models lead with) and, with 4 layers or more, the middle one (as
+    /// models that interleave dense and MoE layers have).
     HyV3,
 }
 
@@ -284,12 +285,14 @@ impl SynthConfig {
         self.expert_ffn.saturating_mul(self.n_expert_used)
     }
 
-    /// Layers with experts (hy_v3's first layer has none).
+    /// Whether layer `l` has a dense FFN and no experts (hy_v3's first and middle ones).
+    pub fn is_dense(&self, l: u32) -> bool {
+        self.arch == SynthArch::HyV3 && (l == 0 || (self.layers >= 4 && l == self.layers / 2))
+    }
+
+    /// Layers with experts.
     pub fn moe_layers(&self) -> u32 {
-        match self.arch {
-            SynthArch::Qwen3Moe => self.layers,
-            SynthArch::HyV3 => self.layers.saturating_sub(1),
-        }
+        (0..self.layers).filter(|&l| !self.is_dense(l)).count() as u32
     }
 
     /// Head dimension.
@@ -569,8 +572,8 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 quant(inv_sqrt(width)),
             ));
         };
-        if c.arch == SynthArch::HyV3 && l == 0 {
-            // a leading dense layer, as DeepSeek-style models have: no experts
+        if c.is_dense(l) {
+            // no experts: a dense FFN as wide as the experts a token uses together
             dense_ffn(&mut v, "", u64::from(c.dense_ffn()));
             continue;
         }
