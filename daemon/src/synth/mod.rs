@@ -647,7 +647,7 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
         (a("context_length"), Value::U32(c.ctx)),
         (a("embedding_length"), Value::U32(c.n_embd)),
         // qwen3moe ignores it when expert_feed_forward_length is set (real files carry
-        // it); hy_v3 sizes its dense first layer with it.
+        // it); hy_v3 sizes its dense layers with it.
         (a("feed_forward_length"), Value::U32(c.dense_ffn())),
         (a("expert_feed_forward_length"), Value::U32(c.expert_ffn)),
         (a("attention.head_count"), Value::U32(c.n_head)),
