@@ -38,7 +38,8 @@ pub enum ArchArg {
     /// Separate gate, up and down experts, softmax routing.
     #[value(name = "qwen3moe")]
     Qwen3Moe,
-    /// Gate and up experts fused in one tensor, a shared expert, sigmoid routing.
+    /// Gate and up experts fused in one tensor, a shared expert, sigmoid routing, dense
+    /// layers without experts (the first and, from 4 layers, the middle one).
     #[value(name = "hy_v3")]
     HyV3,
 }
