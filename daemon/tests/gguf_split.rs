@@ -185,15 +185,7 @@ fn a_merged_model_splits_again() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     md.extend(split_keys(0, 0, f.tensors.len() as i32));
-    let specs: Vec<TensorSpec> = f
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dims: t.dims.clone(),
-            ggml_type: t.ggml_type,
-        })
-        .collect();
+    let specs: Vec<TensorSpec> = f.tensors.iter().map(TensorSpec::from).collect();
     let lay = gguf::layout(&md, &specs).unwrap();
     let merged = dir.path().join("merged.gguf");
     let out = std::fs::File::create(&merged).unwrap();

@@ -393,14 +393,7 @@ fn write_splits(
             (SPLIT_COUNT_KEY.to_string(), Value::U16(count)),
             (SPLIT_TENSORS_KEY.to_string(), Value::I32(n_tensors)),
         ]);
-        let specs: Vec<TensorSpec> = group
-            .iter()
-            .map(|t| TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ggml_type: t.ggml_type,
-            })
-            .collect();
+        let specs: Vec<TensorSpec> = group.iter().map(|&t| TensorSpec::from(t)).collect();
         let lay = super::layout(&md, &specs).map_err(|source| SplitWriteError::Layout {
             path: path.clone(),
             source,

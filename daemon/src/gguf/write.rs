@@ -20,6 +20,17 @@ pub struct TensorSpec {
     pub ggml_type: GgmlType,
 }
 
+impl From<&TensorInfo> for TensorSpec {
+    /// The spec of a tensor read from a header (to lay it out again, e.g. in a split).
+    fn from(t: &TensorInfo) -> TensorSpec {
+        TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml_type: t.ggml_type,
+        }
+    }
+}
+
 /// A laid-out file: the encoded header and where every tensor goes.
 #[derive(Clone, Debug)]
 pub struct GgufLayout {
