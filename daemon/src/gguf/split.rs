@@ -119,9 +119,14 @@ pub fn split_paths(path: &Path, info: SplitInfo) -> Result<Vec<PathBuf>, GgufErr
             count: info.count,
             suffix: suffix.clone(),
         })?;
-    Ok((1..=u32::from(info.count))
-        .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{:05}.gguf", info.count)))
-        .collect())
+    Ok(paths_of(prefix, info.count))
+}
+
+/// `PREFIX-00001-of-0000N.gguf` to `PREFIX-0000N-of-0000N.gguf`.
+fn paths_of(prefix: &str, count: u16) -> Vec<PathBuf> {
+    (1..=count)
+        .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+        .collect()
 }
 
 /// Every split's path when `path` has llama.cpp's split form (`PREFIX-NNNNN-of-MMMMM.gguf`,
@@ -140,11 +145,7 @@ pub fn split_paths_by_name(path: &Path) -> Option<Vec<PathBuf>> {
     if prefix.is_empty() || count < 2 || no == 0 || no > u32::from(count) {
         return None;
     }
-    Some(
-        (1..=count)
-            .map(|i| PathBuf::from(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
-            .collect(),
-    )
+    Some(paths_of(prefix, count))
 }
 
 /// A model's GGUF headers: one file, or every split of a split model in order.
