@@ -26,12 +26,18 @@ pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
     let file = GgufFile::open(&args.file)?;
     // (the model summary, the files it was read from); a malformed split key is a model
     // error like any other, printed after the header
-    let split = split_info(&file).ok().flatten();
-    let info: Result<(ModelInfo, Vec<PathBuf>), GgufError> = match split_info(&file) {
-        Ok(None) => ModelInfo::from_gguf(&file).map(|i| (i, vec![file.path.clone()])),
-        Ok(Some(_)) => GgufModel::open(&args.file)
-            .and_then(|m| ModelInfo::from_model(&m).map(|i| (i, m.paths()))),
-        Err(e) => Err(e),
+    type Summary = Result<(ModelInfo, Vec<PathBuf>), GgufError>;
+    let (split, info): (_, Summary) = match split_info(&file) {
+        Ok(None) => (
+            None,
+            ModelInfo::from_gguf(&file).map(|i| (i, vec![file.path.clone()])),
+        ),
+        Ok(Some(s)) => (
+            Some(s),
+            GgufModel::open(&args.file)
+                .and_then(|m| ModelInfo::from_model(&m).map(|i| (i, m.paths()))),
+        ),
+        Err(e) => (None, Err(e)),
     };
     if args.json {
         let mut v = serde_json::json!({ "file": &file });
