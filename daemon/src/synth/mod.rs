@@ -560,7 +560,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
         v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
         // A dense SiLU FFN `width` wide in Q8_0: ffn_gate{sfx}, ffn_up{sfx}, ffn_down{sfx}.
-        let dense_ffn = |v: &mut Vec<Planned>, sfx: &str, width: u64| {
+        let push_dense_ffn = |v: &mut Vec<Planned>, sfx: &str, width: u64| {
             let name = |s: &str| format!("blk.{l}.{s}{sfx}.weight");
             let from_embd = quant(inv_sqrt(n_embd));
             v.push(t(name("ffn_gate"), vec![n_embd, width], q8, from_embd));
@@ -574,7 +574,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         };
         if c.is_dense(l) {
             // no experts: a dense FFN as wide as the experts a token uses together
-            dense_ffn(&mut v, "", u64::from(c.dense_ffn()));
+            push_dense_ffn(&mut v, "", u64::from(c.dense_ffn()));
             continue;
         }
         v.push(t(
@@ -610,7 +610,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                     ex,
                     quant(inv_sqrt(n_embd)),
                 ));
-                dense_ffn(&mut v, "_shexp", n_ff);
+                push_dense_ffn(&mut v, "_shexp", n_ff);
             }
         }
         v.push(t(
