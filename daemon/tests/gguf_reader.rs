@@ -829,14 +829,12 @@ fn model_info_of_an_moe_file() {
         m.expert_bytes_per_layer.get(&0),
         Some(&(68 * 32 * 2 + 34 * 64))
     );
-    // Layer 1: gate_up 68*64 + down 34*64 + scale 4 bytes per expert.
-    assert_eq!(
-        m.expert_bytes_per_layer.get(&1),
-        Some(&(68 * 64 + 34 * 64 + 4))
-    );
+    // Layer 1: gate_up 68*64 + down 34*64 bytes per expert; its per-expert scale (4 bytes
+    // each) stays in memory with the other weights, so it is not expert data.
+    assert_eq!(m.expert_bytes_per_layer.get(&1), Some(&(68 * 64 + 34 * 64)));
     assert_eq!(m.total_bytes, f.tensor_bytes());
-    assert_eq!(m.non_expert_bytes, 680);
-    assert_eq!(m.expert_bytes, m.total_bytes - 680);
+    assert_eq!(m.non_expert_bytes, 680 + 4 * 4);
+    assert_eq!(m.expert_bytes, m.total_bytes - 680 - 4 * 4);
     // KV: per layer 2 (K,V) * 2 bytes * n_head_kv 2 * head dim (64/4 = 16, then 64/8 = 8).
     assert_eq!(m.kv_bytes_per_token_f16, 2 * 2 * 2 * 16 + 2 * 2 * 2 * 8);
 }

@@ -60,6 +60,8 @@ impl GgmlType {
     pub const Q6_K: GgmlType = GgmlType(14);
     /// bfloat16.
     pub const BF16: GgmlType = GgmlType(30);
+    /// MXFP4: 32-element blocks of E2M1 codes with an E8M0 scale.
+    pub const MXFP4: GgmlType = GgmlType(39);
 
     /// Upstream name ("q4_K", "f32", ...), or None for an unknown or removed type.
     pub fn name(self) -> Option<&'static str> {
@@ -302,9 +304,9 @@ pub struct ModelInfo {
     pub expert_used_count: u32,
     /// Total tensor data bytes.
     pub total_bytes: u64,
-    /// Bytes of all expert tensors (`*_exps`), all layers.
+    /// Bytes of all expert weight tensors (`*_exps.weight`), all layers.
     pub expert_bytes: u64,
-    /// Bytes of one expert in one layer (gate + up + down), per MoE layer index; layers
+    /// Bytes of one expert's weights in one layer (gate + up + down), per MoE layer index; layers
     /// without experts are absent.
     pub expert_bytes_per_layer: BTreeMap<u32, u64>,
     /// Bytes of everything that is not an expert tensor.
@@ -338,8 +340,10 @@ impl ModelInfo {
     }
 }
 
-/// True for tensors that hold per-expert data (`blk.N.<name>_exps.<suffix>`): the
-/// expert index is their last dimension.
+/// True for the expert weight tensors, which the pool serves from its slots
+/// (`blk.N.<name>_exps.weight`; the expert index is their last dimension). Per-expert
+/// biases and scales (`_exps.bias`, `_exps.scale`, e.g. gpt-oss's) are small, stay in
+/// memory with the other weights, and so count as non-expert bytes.
 pub fn is_expert_tensor(name: &str) -> bool {
     model::is_expert_tensor(name)
 }

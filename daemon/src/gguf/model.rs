@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use super::{GgufError, GgufFile, ModelInfo, Value};
 
 pub(super) fn is_expert_tensor(name: &str) -> bool {
-    // `blk.N.<stem>_exps.<suffix>`: the stem ends in `_exps` (not `_chexps`, `_shexp`).
+    // `blk.N.<stem>_exps.weight`: the stem ends in `_exps` (not `_chexps`, `_shexp`).
     let Some(rest) = name.strip_prefix("blk.") else {
         return false;
     };
@@ -22,7 +22,7 @@ pub(super) fn is_expert_tensor(name: &str) -> bool {
         return false;
     };
     match rest.rsplit_once('.') {
-        Some((stem, _suffix)) => stem.ends_with("_exps"),
+        Some((stem, suffix)) => stem.ends_with("_exps") && suffix == "weight",
         None => false,
     }
 }
@@ -346,8 +346,6 @@ mod tests {
             "blk.0.ffn_gate_exps.weight",
             "blk.12.ffn_down_exps.weight",
             "blk.3.ffn_gate_up_exps.weight",
-            "blk.3.ffn_up_exps.bias",
-            "blk.3.ffn_up_exps.scale",
         ] {
             assert!(is_expert_tensor(yes), "{yes}");
         }
@@ -358,6 +356,9 @@ mod tests {
             "token_embd.weight",
             "ffn_gate_exps.weight",
             "blk.0.ffn_gate_exps",
+            // per-expert biases and scales stay with the other weights
+            "blk.3.ffn_up_exps.bias",
+            "blk.3.ffn_up_exps.scale",
         ] {
             assert!(!is_expert_tensor(no), "{no}");
         }
