@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use expertd::gguf::GgmlType;
-use expertd::synth::{self, ExpertType, Preset, SynthConfig, quant};
+use expertd::synth::{self, ExpertType, Preset, SynthArch, SynthConfig, quant};
 
 const SCRIPT: &str = r#"
 import json, sys
@@ -47,12 +47,18 @@ fn upstream_python_reader_agrees() {
         py.display()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    for (i, ty) in [ExpertType::Q4K, ExpertType::Q8_0, ExpertType::Q4KM]
-        .into_iter()
-        .enumerate()
+    for (i, (arch, ty)) in [
+        (SynthArch::Qwen3Moe, ExpertType::Q4K),
+        (SynthArch::Qwen3Moe, ExpertType::Q8_0),
+        (SynthArch::Qwen3Moe, ExpertType::Q4KM),
+        (SynthArch::GptOss, ExpertType::Mxfp4),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let path = dir.path().join(format!("m{i}.gguf"));
         let mut cfg = SynthConfig::preset(Preset::Tiny);
+        cfg.arch = arch;
         cfg.expert_type = ty;
         cfg.seed = 11;
         let m = synth::write_model(&cfg, &path, 2).expect("write");
@@ -92,6 +98,7 @@ fn upstream_python_reader_agrees() {
                 GgmlType::Q4_K => quant::dequant_q4_k(raw),
                 GgmlType::Q8_0 => quant::dequant_q8_0(raw),
                 GgmlType::Q6_K => quant::dequant_q6_k(raw),
+                GgmlType::MXFP4 => quant::dequant_mxfp4(raw),
                 _ => raw
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

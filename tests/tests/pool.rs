@@ -255,6 +255,22 @@ fn pool_is_bit_exact_on_fused_gate_up_experts() {
 }
 
 #[test]
+fn pool_is_bit_exact_on_gpt_oss() {
+    // gpt-oss: MXFP4 experts (repacked on x86, like Q4_K), per-expert biases that keep
+    // the router's expert ids while the matmuls read slots, a router bias, the clamped
+    // SwiGLU, attention sinks, and a window of 128 tokens in every other layer, which the
+    // prompt (about 150 tokens) and the 64 generated ones run past.
+    check_exact_arch(
+        Preset::Tiny,
+        (SynthArch::GptOss, None),
+        ExpertType::Mxfp4,
+        &[4, 8, 32],
+        &[4],
+        &[4],
+    );
+}
+
+#[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
     check_exact(
         Preset::Mid,

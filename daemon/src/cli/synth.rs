@@ -1,4 +1,4 @@
-//! `expertd synth`: write a synthetic qwen3moe GGUF with random weights.
+//! `expertd synth`: write a synthetic MoE GGUF with random weights.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +42,11 @@ pub enum ArchArg {
     /// layers without experts (the first and, from 4 layers, the middle one).
     #[value(name = "hy_v3")]
     HyV3,
+    /// Per-expert biases, a router bias, OpenAI's clamped SwiGLU, attention sinks and
+    /// biases, sliding-window attention in every other layer (use with
+    /// --expert-type mxfp4, as gpt-oss ships).
+    #[value(name = "gpt-oss")]
+    GptOss,
 }
 
 /// Expert tensor types on the command line.
@@ -57,6 +62,9 @@ pub enum ExpertTypeArg {
     /// Q4_K in odd ones (rows must be multiples of 256).
     #[value(name = "q4_k_m")]
     Q4KM,
+    /// MXFP4, as gpt-oss ships its experts (rows must be multiples of 32).
+    #[value(name = "mxfp4")]
+    Mxfp4,
 }
 
 /// Options of `expertd synth`; explicit options override the preset.
@@ -184,12 +192,14 @@ impl SynthArgs {
         c.arch = match self.arch {
             ArchArg::Qwen3Moe => SynthArch::Qwen3Moe,
             ArchArg::HyV3 => SynthArch::HyV3,
+            ArchArg::GptOss => SynthArch::GptOss,
         };
         if let Some(t) = self.expert_type {
             c.expert_type = match t {
                 ExpertTypeArg::Q4K => ExpertType::Q4K,
                 ExpertTypeArg::Q8_0 => ExpertType::Q8_0,
                 ExpertTypeArg::Q4KM => ExpertType::Q4KM,
+                ExpertTypeArg::Mxfp4 => ExpertType::Mxfp4,
             };
         }
         c

@@ -1,6 +1,6 @@
-//! Synthetic MoE models: a `qwen3moe` GGUF with random weights that the pinned llama.cpp
-//! loads and runs, with the real tensor names, shapes and types, a byte-fallback SPM
-//! vocabulary, and knobs for how routing behaves.
+//! Synthetic MoE models: a `qwen3moe` GGUF (or `hy_v3`, `gpt-oss`: [`SynthArch`]) with
+//! random weights that the pinned llama.cpp loads and runs, with the real tensor names,
+//! shapes and types, a byte-fallback SPM vocabulary, and knobs for how routing behaves.
 //!
 //! Invariants: the file is a pure function of [`SynthConfig`] (same config and seed, same
 //! bytes, whatever the thread count: every tensor row has its own PRNG stream); the file
@@ -21,6 +21,8 @@
 //! - `output` Q8_0: logits of std 2.5, except the 259 special and byte tokens whose rows
 //!   are scaled by 1/16 so that greedy output is text and rarely ends early.
 //! - other norms F32: 1.
+//! - gpt-oss's biases (q/k/v, attention output, router, every expert's gate, up and down)
+//!   F32 normals of std 0.1; its attention sinks F32 normals of std 1.
 //!
 //! [`Locality`] names calibrated knob settings (routing locality like published real models,
 //! or clearly harder); bench/RESULTS.md has the measurements.
@@ -52,6 +54,11 @@ pub enum SynthArch {
     /// DeepSeek-style models lead with) and, with 4 layers or more, the middle one (as
     /// models that interleave dense and MoE layers have).
     HyV3,
+    /// `gpt-oss`: per-expert biases on gate, up and down (added by the router's expert
+    /// ids, not the pool's slots), a router bias, the clamped SwiGLU of OpenAI's models,
+    /// softmax over the selected experts, attention sinks, q/k/v and output biases, no
+    /// q/k norms, and sliding-window attention in every other layer.
+    GptOss,
 }
 
 impl SynthArch {
@@ -60,9 +67,15 @@ impl SynthArch {
         match self {
             SynthArch::Qwen3Moe => ARCH,
             SynthArch::HyV3 => "hy_v3",
+            SynthArch::GptOss => "gpt-oss",
         }
     }
 }
+
+/// gpt-oss's attention window in its sliding-window layers (its real value).
+pub const GPT_OSS_WINDOW: u32 = 128;
+/// Std of gpt-oss's F32 biases (q/k/v, attention output, router, experts).
+const GPT_OSS_BIAS_STD: f64 = 0.1;
 /// Logit std of the output projection for normal tokens.
 const OUTPUT_LOGIT_STD: f64 = 2.5;
 /// Output rows of special and byte tokens are scaled by this.
@@ -86,6 +99,8 @@ pub enum ExpertType {
     /// layers and Q4_K in odd ones (so expert sizes differ by projection and by layer);
     /// rows must be multiples of 256.
     Q4KM,
+    /// MXFP4 (as gpt-oss ships its experts): rows must be multiples of 32.
+    Mxfp4,
 }
 
 impl std::fmt::Display for ExpertType {
@@ -105,6 +120,7 @@ impl ExpertType {
             ExpertType::Q8_0 => GgmlType::Q8_0,
             ExpertType::Q4KM if down && layer % 2 == 0 => GgmlType::Q6_K,
             ExpertType::Q4KM => GgmlType::Q4_K,
+            ExpertType::Mxfp4 => GgmlType::MXFP4,
         }
     }
 }
@@ -313,6 +329,13 @@ impl SynthConfig {
                 self.layers
             ));
         }
+        if self.arch == SynthArch::GptOss && self.attn_recency > 0.0 {
+            return bad(format!(
+                "--attn-recency {}: it works through q/k norms, which gpt-oss has none of \
+                 (use --locality default or hard)",
+                self.attn_recency
+            ));
+        }
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
             return bad(format!(
                 "--embd {} must be a multiple of --heads {}",
@@ -360,6 +383,7 @@ impl SynthConfig {
             ExpertType::Q4K => (256, "q4_K"),
             ExpertType::Q8_0 => (32, "q8_0"),
             ExpertType::Q4KM => (256, "q4_K and q6_K"),
+            ExpertType::Mxfp4 => (32, "mxfp4"),
         };
         for (what, n) in [("--embd", self.n_embd), ("--expert-ffn", self.expert_ffn)] {
             if n == 0 || n % block != 0 {
@@ -509,8 +533,12 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             },
         ),
     ];
+    let gpt_oss = c.arch == SynthArch::GptOss;
+    // small F32 values, for gpt-oss's biases
+    let normal = |std: f64| Fill::Router { std, skew: 0.0 };
     for l in 0..c.layers {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
+        let b = |s: &str| format!("blk.{l}.{s}.bias");
         v.push(t(n("attn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
         v.push(t(
             n("attn_q"),
@@ -545,20 +573,52 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             v.push(bias("attn_q", n_q));
             v.push(bias("attn_k", n_kv));
         }
+        if gpt_oss {
+            for (name, len) in [("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)] {
+                v.push(t(
+                    b(name),
+                    vec![len],
+                    GgmlType::F32,
+                    normal(GPT_OSS_BIAS_STD),
+                ));
+            }
+        }
         v.push(t(
             n("attn_output"),
             vec![n_q, n_embd],
             q8,
             quant(c.context_weight_of(l) * inv_sqrt(n_q)),
         ));
-        let qk_norm = if c.attn_recency > 0.0 {
-            Fill::Const(c.attn_recency.sqrt())
+        if gpt_oss {
+            v.push(t(
+                b("attn_output"),
+                vec![n_embd],
+                GgmlType::F32,
+                normal(GPT_OSS_BIAS_STD),
+            ));
+            // a sink logit per head, next to the scores of the attended tokens
+            v.push(t(
+                n("attn_sinks"),
+                vec![u64::from(c.n_head)],
+                GgmlType::F32,
+                normal(1.0),
+            ));
+            v.push(t(
+                n("post_attention_norm"),
+                vec![n_embd],
+                GgmlType::F32,
+                Fill::Ones,
+            ));
         } else {
-            Fill::Ones
-        };
-        v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
-        v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
-        v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+            let qk_norm = if c.attn_recency > 0.0 {
+                Fill::Const(c.attn_recency.sqrt())
+            } else {
+                Fill::Ones
+            };
+            v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
+            v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
+            v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+        }
         // A dense SiLU FFN `width` wide in Q8_0: ffn_gate{sfx}, ffn_up{sfx}, ffn_down{sfx}.
         let push_dense_ffn = |v: &mut Vec<Planned>, sfx: &str, width: u64| {
             let name = |s: &str| format!("blk.{l}.{s}{sfx}.weight");
@@ -586,9 +646,17 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 skew: f64::from(c.router_skew),
             },
         ));
+        if gpt_oss {
+            v.push(t(
+                b("ffn_gate_inp"),
+                vec![n_exp],
+                GgmlType::F32,
+                normal(GPT_OSS_BIAS_STD),
+            ));
+        }
         let ex = c.expert_type.ggml(false, l);
         match c.arch {
-            SynthArch::Qwen3Moe => {
+            SynthArch::Qwen3Moe | SynthArch::GptOss => {
                 v.push(t(
                     n("ffn_gate_exps"),
                     vec![n_embd, n_ff, n_exp],
@@ -619,6 +687,21 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             c.expert_type.ggml(true, l),
             quant(inv_sqrt(n_ff)),
         ));
+        if gpt_oss {
+            // one bias row per expert, added by the router's expert ids
+            for (name, len) in [
+                ("ffn_gate_exps", n_ff),
+                ("ffn_up_exps", n_ff),
+                ("ffn_down_exps", n_embd),
+            ] {
+                v.push(t(
+                    b(name),
+                    vec![len, n_exp],
+                    GgmlType::F32,
+                    normal(GPT_OSS_BIAS_STD),
+                ));
+            }
+        }
     }
     v
 }
@@ -641,6 +724,7 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
             Value::U32(match c.expert_type {
                 ExpertType::Q4K | ExpertType::Q4KM => 15,
                 ExpertType::Q8_0 => 7,
+                ExpertType::Mxfp4 => 38,
             }),
         ),
         (a("block_count"), Value::U32(c.layers)),
@@ -724,6 +808,11 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
             "expertd.synth.context_decay".into(),
             Value::F32(c.context_decay),
         ));
+    }
+    if c.arch == SynthArch::GptOss {
+        // every other layer attends to a sliding window (llama.cpp's default pattern for
+        // gpt-oss), with its real window
+        md.push((a("attention.sliding_window"), Value::U32(GPT_OSS_WINDOW)));
     }
     if c.arch == SynthArch::HyV3 {
         // the shared expert is as wide as a routed one
@@ -815,6 +904,7 @@ fn generate(seed: u64, info: &TensorInfo, fill: Fill, chunk: &Chunk) -> Vec<u8> 
                 match info.ggml_type {
                     GgmlType::Q4_K => quant::q4_k_row(&mut r, n, std, &mut out),
                     GgmlType::Q6_K => quant::q6_k_row(&mut r, n, std, &mut out),
+                    GgmlType::MXFP4 => quant::mxfp4_row(&mut r, n, std, &mut out),
                     _ => quant::q8_0_row(&mut r, n, std, &mut out),
                 }
             }

@@ -19,6 +19,16 @@ pub const Q6_K_BLOCK: usize = 256;
 /// scales, f16 d.
 pub const Q6_K_BYTES: usize = 210;
 
+/// Elements per MXFP4 block.
+pub const MXFP4_BLOCK: usize = 32;
+/// Bytes per MXFP4 block: an E8M0 scale byte and 16 bytes of 4-bit E2M1 codes.
+pub const MXFP4_BYTES: usize = 17;
+/// ggml's `kvalues_mxfp4`: the E2M1 values doubled, by 4-bit code.
+pub const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+/// Variance of an MXFP4 code value drawn uniformly from the 16 codes (mean 0):
+/// 2 (0 + 1 + 4 + 9 + 16 + 36 + 64 + 144) / 16.
+const MXFP4_VAR: f64 = 34.25;
+
 /// Standard deviation of a Q8_0 quant drawn uniformly from -127..=127 with 0 taking
 /// the place of -128 (so the mean is exactly 0): sqrt(sum k^2 / 256).
 const Q8_STD: f64 = 73.467_254_950_258_6;
@@ -99,6 +109,62 @@ pub fn q8_0_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
         out.extend_from_slice(&d);
         out.extend_from_slice(&qs);
     }
+}
+
+/// ggml's `GGML_E8M0_TO_FP32_HALF`: half of 2^(e - 127).
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        u32::from(e - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
+/// Appends one row of `n` MXFP4 weights (n a multiple of 32) with standard deviation
+/// `std`. Codes are uniform (zero mean); a block's scale is a power of two, so each block
+/// takes the exponent just below or just above the requested std, at random with the
+/// odds that make the mean variance the requested one.
+pub fn mxfp4_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
+    // a weight is code * 2^(e - 128), so a block's variance is MXFP4_VAR * 4^(e - 128)
+    let target = std * std / MXFP4_VAR;
+    let e_real = if target > 0.0 {
+        target.log(4.0) + 128.0
+    } else {
+        2.0
+    };
+    let e_lo = e_real.floor().clamp(2.0, 253.0);
+    let v_lo = 4f64.powf(e_lo - 128.0);
+    let p_lo = ((4.0 * v_lo - target) / (3.0 * v_lo)).clamp(0.0, 1.0);
+    let e_lo = e_lo as u8;
+    let mut qs = [0u8; MXFP4_BLOCK / 2];
+    for _ in 0..n / MXFP4_BLOCK {
+        let e = if rng.next_f64() < p_lo {
+            e_lo
+        } else {
+            e_lo + 1
+        };
+        rng.fill_bytes(&mut qs);
+        out.push(e);
+        out.extend_from_slice(&qs);
+    }
+}
+
+/// Dequantizes MXFP4 blocks the way ggml's `dequantize_row_mxfp4` does: byte j of a
+/// block's codes holds weight j (low nibble) and weight j + 16 (reference, for tests).
+pub fn dequant_mxfp4(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(MXFP4_BYTES) {
+        let d = e8m0_half(b[0]);
+        let qs = &b[1..];
+        let mut y = [0f32; MXFP4_BLOCK];
+        for (j, &q) in qs.iter().enumerate() {
+            y[j] = d * f32::from(MXFP4_VALUES[usize::from(q & 0xf)]);
+            y[j + MXFP4_BLOCK / 2] = d * f32::from(MXFP4_VALUES[usize::from(q >> 4)]);
+        }
+        out.extend_from_slice(&y);
+    }
+    out
 }
 
 /// Packs eight 6-bit scales and mins the way `get_scale_min_k4` unpacks them.
@@ -342,6 +408,59 @@ mod tests {
             assert!(
                 (k - k.round()).abs() < 1e-3 && (-31.0..=31.0).contains(&k),
                 "{x}"
+            );
+        }
+    }
+
+    #[test]
+    fn e8m0_half_matches_ggml() {
+        // ggml's denormal patterns for 0 and 1, then 2^(e - 128)
+        assert_eq!(e8m0_half(0), 2f32.powi(-128));
+        assert_eq!(e8m0_half(1), 2f32.powi(-127));
+        assert_eq!(e8m0_half(2), 2f32.powi(-126));
+        assert_eq!(e8m0_half(127), 0.5);
+        assert_eq!(e8m0_half(128), 1.0);
+        assert_eq!(e8m0_half(254), 2f32.powi(126));
+    }
+
+    #[test]
+    fn mxfp4_dequant_reads_low_then_high_nibbles() {
+        // codes 1..=15 in the low nibbles, 15 - j in the high ones, scale 1
+        let mut b = [0u8; MXFP4_BYTES];
+        b[0] = 128;
+        for j in 0..16 {
+            b[1 + j] = (j as u8) | ((15 - j as u8) << 4);
+        }
+        let w = dequant_mxfp4(&b);
+        for j in 0..16 {
+            assert_eq!(w[j], f32::from(MXFP4_VALUES[j]), "weight {j}");
+            assert_eq!(
+                w[j + 16],
+                f32::from(MXFP4_VALUES[15 - j]),
+                "weight {}",
+                j + 16
+            );
+        }
+    }
+
+    #[test]
+    fn mxfp4_blocks_have_requested_std() {
+        for (seed, want) in [(5, 0.02), (6, 0.0625), (7, 1.0 / 45.0)] {
+            let mut rng = Rng::new(seed);
+            let mut buf = Vec::new();
+            mxfp4_row(&mut rng, 32 * 8192, want, &mut buf);
+            assert_eq!(buf.len(), 8192 * MXFP4_BYTES);
+            let w = dequant_mxfp4(&buf);
+            let (mean, std) = stats(&w);
+            assert!(mean.abs() < want * 0.02, "mean {mean}");
+            assert!((std / want - 1.0).abs() < 0.02, "std {std} for {want}");
+            // the scales are the two powers of two around the requested std
+            let mut es: Vec<u8> = buf.chunks_exact(MXFP4_BYTES).map(|b| b[0]).collect();
+            es.sort_unstable();
+            es.dedup();
+            assert!(
+                es.len() <= 2 && es.windows(2).all(|p| p[1] == p[0] + 1),
+                "{es:?}"
             );
         }
     }
