@@ -840,6 +840,39 @@ fn model_info_of_an_moe_file() {
 }
 
 #[test]
+fn mtp_blocks_are_neither_expert_nor_resident_data() {
+    // Layer 1 as a multi-token-prediction block (as GLM-4.5 and DeepSeek-V3 files carry
+    // after their last layer): llama.cpp loads it only for MTP speculative decoding.
+    let spec = moe_spec().with(|s| s.kvs.push(kv_u32("m.nextn_predict_layers", 1)));
+    let f = GgufFile::parse_bytes(&spec.bytes()).expect("parses");
+    let m = ModelInfo::from_gguf(&f).expect("summary");
+    assert_eq!(m.block_count, 2);
+    assert_eq!(m.nextn_layers, 1);
+    assert_eq!(m.nextn_bytes, 68 * 64 * 4 + 34 * 64 * 4 + 16);
+    assert_eq!(
+        m.expert_bytes_per_layer.keys().copied().collect::<Vec<_>>(),
+        vec![0]
+    );
+    assert_eq!(m.expert_bytes, (68 * 32 * 2 + 34 * 64) * 4);
+    assert_eq!(m.non_expert_bytes, 680);
+    assert_eq!(
+        m.total_bytes,
+        m.expert_bytes + m.non_expert_bytes + m.nextn_bytes
+    );
+    // the KV cache of layer 0 only
+    assert_eq!(m.kv_bytes_per_token_f16, 2 * 2 * 2 * 16);
+    // more MTP blocks than layers is a corrupt header
+    let spec = moe_spec().with(|s| s.kvs.push(kv_u32("m.nextn_predict_layers", 3)));
+    let f = GgufFile::parse_bytes(&spec.bytes()).expect("parses");
+    let e = ModelInfo::from_gguf(&f).expect_err("3 of 2 layers");
+    assert!(
+        e.to_string()
+            .contains("'m.nextn_predict_layers': 3 MTP blocks but block_count is 2"),
+        "{e}"
+    );
+}
+
+#[test]
 fn model_info_errors_name_the_key() {
     let drop_key = |key: &str| {
         let enc = s(key);

@@ -324,6 +324,28 @@ fn bad_options_are_refused_clearly() {
             "overflows the model's feed_forward_length",
         ),
         (|c| c.token_weight = -1.0, "--token-weight"),
+        (
+            |c| {
+                c.arch = synth::SynthArch::GptOss;
+                c.attn_recency = 3.0;
+            },
+            "q/k norms, which gpt-oss has none of",
+        ),
+        (
+            |c| {
+                c.arch = synth::SynthArch::Glm4Moe;
+                c.layers = 1;
+            },
+            "--layers 1: glm4moe's first layer is dense",
+        ),
+        (
+            |c| {
+                c.arch = synth::SynthArch::Glm4Moe;
+                c.n_head = 128;
+                c.n_head_kv = 2;
+            },
+            "head dim 2 (embd / heads) must be a multiple of 4",
+        ),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     for (tweak, fragment) in cases {
@@ -461,4 +483,140 @@ fn hy_v3_has_fused_experts_a_shared_expert_and_dense_layers() {
         .collect();
     assert_eq!(info.expert_bytes_per_layer, expected);
     assert_eq!(cfg.moe_layers(), cfg.layers - 2);
+}
+
+/// gpt-oss: MXFP4 experts with per-expert biases, a router bias, attention sinks and
+/// biases, no q/k norms, a sliding window; the biases are not expert data in the summary.
+#[test]
+fn gpt_oss_has_biased_mxfp4_experts_and_sinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("oss.gguf");
+    let mut cfg = SynthConfig::preset(Preset::Tiny);
+    cfg.arch = synth::SynthArch::GptOss;
+    cfg.expert_type = ExpertType::Mxfp4;
+    let m = synth::write_model(&cfg, &p, 2).expect("write");
+    let f = GgufFile::open(&p).expect("read back");
+    let key = |k: &str| f.get(&format!("gpt-oss.{k}")).and_then(Value::as_u64);
+    assert_eq!(
+        key("attention.sliding_window"),
+        Some(u64::from(synth::GPT_OSS_WINDOW))
+    );
+    let (e, ff, n) = (
+        u64::from(cfg.n_embd),
+        u64::from(cfg.expert_ffn),
+        u64::from(cfg.n_expert),
+    );
+    let dims = |name: &str| f.tensor(name).map(|t| (t.dims.clone(), t.ggml_type));
+    let f32_ = GgmlType::F32;
+    for l in 0..cfg.layers {
+        let d = |s: &str| dims(&format!("blk.{l}.{s}"));
+        assert_eq!(
+            d("ffn_gate_exps.weight"),
+            Some((vec![e, ff, n], GgmlType::MXFP4))
+        );
+        assert_eq!(
+            d("ffn_down_exps.weight"),
+            Some((vec![ff, e, n], GgmlType::MXFP4))
+        );
+        assert_eq!(d("ffn_gate_exps.bias"), Some((vec![ff, n], f32_)));
+        assert_eq!(d("ffn_up_exps.bias"), Some((vec![ff, n], f32_)));
+        assert_eq!(d("ffn_down_exps.bias"), Some((vec![e, n], f32_)));
+        assert_eq!(d("ffn_gate_inp.bias"), Some((vec![n], f32_)));
+        assert_eq!(
+            d("attn_sinks.weight"),
+            Some((vec![u64::from(cfg.n_head)], f32_))
+        );
+        assert_eq!(d("attn_output.bias"), Some((vec![e], f32_)));
+        assert_eq!(d("post_attention_norm.weight"), Some((vec![e], f32_)));
+        assert_eq!(d("attn_q_norm.weight"), None);
+        assert_eq!(d("ffn_norm.weight"), None);
+    }
+    // the experts have the promised statistics through the MXFP4 reference dequantizer
+    let bytes = std::fs::read(&p).expect("read");
+    let t = m
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.1.ffn_up_exps.weight")
+        .expect("up");
+    let s = (m.data_offset + t.offset) as usize;
+    let (mean, std) = mean_std(&quant::dequant_mxfp4(&bytes[s..s + t.size as usize]));
+    let want = 1.0 / (e as f64).sqrt();
+    assert!(mean.abs() < 0.02 * want, "mean {mean}");
+    assert!((std / want - 1.0).abs() < 0.03, "std {std}, want {want}");
+    // one expert is its three MXFP4 matrices; the biases stay with the other weights
+    let info = ModelInfo::from_gguf(&f).expect("summary");
+    let mx = |cols: u64, rows: u64| GgmlType::MXFP4.row_bytes(cols).unwrap() * rows;
+    let one_expert = 2 * mx(e, ff) + mx(ff, e);
+    assert!(
+        info.expert_bytes_per_layer
+            .values()
+            .all(|&b| b == one_expert),
+        "{info:?}"
+    );
+    assert_eq!(info.expert_bytes, one_expert * n * u64::from(cfg.layers));
+}
+
+/// glm4moe: a dense first layer, shared experts, a selection bias, and an MTP block after
+/// the last layer, which the summary keeps out of the expert and resident data.
+#[test]
+fn glm4moe_has_a_dense_layer_shared_experts_and_an_mtp_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("glm.gguf");
+    let mut cfg = SynthConfig::preset(Preset::Tiny);
+    cfg.arch = synth::SynthArch::Glm4Moe;
+    synth::write_model(&cfg, &p, 2).expect("write");
+    let f = GgufFile::open(&p).expect("read back");
+    let key = |k: &str| f.get(&format!("glm4moe.{k}")).and_then(Value::as_u64);
+    assert_eq!(key("block_count"), Some(u64::from(cfg.layers) + 1));
+    assert_eq!(key("nextn_predict_layers"), Some(1));
+    assert_eq!(key("leading_dense_block_count"), Some(1));
+    assert_eq!(key("expert_shared_count"), Some(1));
+    assert_eq!(key("expert_gating_func"), Some(2));
+    assert_eq!(
+        key("rope.dimension_count"),
+        Some(u64::from(cfg.head_dim() / 2))
+    );
+    let (e, ff, n) = (
+        u64::from(cfg.n_embd),
+        u64::from(cfg.expert_ffn),
+        u64::from(cfg.n_expert),
+    );
+    let dims = |name: &str| f.tensor(name).map(|t| t.dims.clone());
+    assert_eq!(
+        dims("blk.0.ffn_gate.weight"),
+        Some(vec![e, u64::from(cfg.dense_ffn())])
+    );
+    assert_eq!(dims("blk.0.ffn_gate_exps.weight"), None);
+    let mtp = cfg.layers;
+    for l in 1..=mtp {
+        let d = |s: &str| dims(&format!("blk.{l}.{s}"));
+        assert_eq!(d("ffn_gate_exps.weight"), Some(vec![e, ff, n]), "{l}");
+        assert_eq!(d("exp_probs_b.bias"), Some(vec![n]), "{l}");
+        assert_eq!(d("ffn_up_shexp.weight"), Some(vec![e, ff]), "{l}");
+        assert!(d("attn_v.bias").is_some(), "{l}");
+        assert_eq!(d("nextn.eh_proj.weight").is_some(), l == mtp, "{l}");
+    }
+    let info = ModelInfo::from_gguf(&f).expect("summary");
+    assert_eq!(info.nextn_layers, 1);
+    let expected: Vec<u32> = (1..cfg.layers).collect();
+    assert_eq!(
+        info.expert_bytes_per_layer
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        expected
+    );
+    let mtp_bytes: u64 = f
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with(&format!("blk.{mtp}.")))
+        .map(|t| t.size)
+        .sum();
+    assert!(mtp_bytes > 0);
+    assert_eq!(info.nextn_bytes, mtp_bytes);
+    assert_eq!(
+        info.total_bytes,
+        info.expert_bytes + info.non_expert_bytes + info.nextn_bytes
+    );
+    assert_eq!(cfg.moe_layers(), cfg.layers - 1);
 }

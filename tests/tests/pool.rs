@@ -271,6 +271,87 @@ fn pool_is_bit_exact_on_gpt_oss() {
 }
 
 #[test]
+fn pool_is_bit_exact_on_glm4moe() {
+    // GLM-4.5's layout: a dense first layer, a shared expert, sigmoid routing with a
+    // selection bias, and a multi-token-prediction block (with experts) after the last
+    // layer, which llama.cpp skips without MTP: the pool must leave it alone (loading
+    // such a model with the pool on failed before: the loader counted the skipped
+    // expert tensors twice).
+    check_exact_arch(
+        Preset::Tiny,
+        (SynthArch::Glm4Moe, None),
+        ExpertType::Q4K,
+        &[4, 8, 32],
+        &[4],
+        &[4],
+    );
+}
+
+/// MTP speculative decoding (`--spec-type draft-mtp`) on glm4moe: the MTP block drafts
+/// tokens in a context of its own, computing its own experts, which the pool serves as
+/// one more MoE layer, and the main context checks the drafts in ubatches of several
+/// tokens. The pool gives the same tokens and logits as stock with the same decoding.
+#[test]
+fn pool_is_bit_exact_with_mtp_speculative_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config) = model_of(
+        dir.path(),
+        Preset::Tiny,
+        SynthArch::Glm4Moe,
+        None,
+        ExpertType::Q4K,
+        5,
+    );
+    let n_probs = config.vocab as usize;
+    let spec = ["--spec-type", "draft-mtp"];
+    let stock = run(Flavor::Stock, &path, &spec, n_probs);
+    let drafted = |g: &Greedy| g.answer["timings"]["draft_n"].as_u64().unwrap_or(0);
+    assert!(
+        drafted(&stock) > 0,
+        "stock drafted nothing: {}",
+        stock.answer
+    );
+    let mtp_layer = u64::from(config.layers); // the block after the last layer
+    for n in [config.n_expert_used, 2 * config.n_expert_used] {
+        let stats = dir.path().join(format!("mtp-stats-{n}.json"));
+        let mut args = spec.to_vec();
+        let n_str = n.to_string();
+        args.extend([
+            "--expert-pool-slots",
+            &n_str,
+            "--expert-pool-stats",
+            stats.to_str().unwrap(),
+        ]);
+        let server = Server::start(
+            &engine_binary(Flavor::Patched, "llama-server"),
+            &path,
+            &args,
+        )
+        .unwrap();
+        let pooled = server.greedy_with_probs(PROMPT, 64, n_probs).unwrap();
+        server.stop().unwrap(); // the pool writes its stats once more when the model is freed
+        assert_eq!(drafted(&pooled), drafted(&stock), "{}", pooled.answer);
+        assert_same(
+            &stock,
+            &pooled,
+            &format!("MTP speculative decoding, {n} slots"),
+        );
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        assert_eq!(s["total"]["errors"], 0, "{s}");
+        let mtp = s["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["layer"].as_u64() == Some(mtp_layer))
+            .unwrap_or_else(|| panic!("the MTP block is not served: {s}"));
+        assert!(
+            mtp["counters"]["requests"].as_u64().unwrap() > 0,
+            "the MTP block's experts never went through the pool: {s}"
+        );
+    }
+}
+
+#[test]
 fn pool_is_bit_exact_on_mid_q4_k() {
     check_exact(
         Preset::Mid,

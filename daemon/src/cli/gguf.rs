@@ -112,7 +112,16 @@ pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
             if let Some(n) = &i.name {
                 println!("name:        {n}");
             }
-            println!("layers:      {}", i.block_count);
+            if i.nextn_layers > 0 {
+                println!(
+                    "layers:      {} and {} MTP block(s) ({}, loaded only for MTP speculative decoding)",
+                    i.block_count.saturating_sub(i.nextn_layers),
+                    i.nextn_layers,
+                    human(i.nextn_bytes)
+                );
+            } else {
+                println!("layers:      {}", i.block_count);
+            }
             println!("n_embd:      {}", i.n_embd);
             println!("heads:       {} (kv {})", i.n_head, i.n_head_kv);
             println!("context:     {}", i.context_length);

@@ -47,6 +47,11 @@ pub enum ArchArg {
     /// --expert-type mxfp4, as gpt-oss ships).
     #[value(name = "gpt-oss")]
     GptOss,
+    /// GLM-4.5's layout: a dense first layer, a shared expert, sigmoid routing with a
+    /// selection bias, q/k/v biases, partial RoPE, and a multi-token-prediction block
+    /// after the last layer.
+    #[value(name = "glm4moe")]
+    Glm4Moe,
 }
 
 /// Expert tensor types on the command line.
@@ -193,6 +198,7 @@ impl SynthArgs {
             ArchArg::Qwen3Moe => SynthArch::Qwen3Moe,
             ArchArg::HyV3 => SynthArch::HyV3,
             ArchArg::GptOss => SynthArch::GptOss,
+            ArchArg::Glm4Moe => SynthArch::Glm4Moe,
         };
         if let Some(t) = self.expert_type {
             c.expert_type = match t {

@@ -309,8 +309,17 @@ pub struct ModelInfo {
     /// Bytes of one expert's weights in one layer (gate + up + down), per MoE layer index; layers
     /// without experts are absent.
     pub expert_bytes_per_layer: BTreeMap<u32, u64>,
-    /// Bytes of everything that is not an expert tensor.
+    /// Bytes of everything that is not an expert tensor (nor an MTP block's).
     pub non_expert_bytes: u64,
+    /// `<arch>.nextn_predict_layers`: multi-token-prediction blocks after the layers the
+    /// model computes (GLM-4.5, DeepSeek-V3 files carry one). llama.cpp loads them only
+    /// for MTP speculative decoding, so their tensors are in neither `expert_bytes` nor
+    /// `non_expert_bytes`, and their layers in neither the per-layer sizes nor the KV.
+    #[serde(default)]
+    pub nextn_layers: u32,
+    /// Bytes of the MTP blocks' tensors.
+    #[serde(default)]
+    pub nextn_bytes: u64,
     /// KV cache bytes per token at f16 (all layers, K and V).
     pub kv_bytes_per_token_f16: u64,
 }

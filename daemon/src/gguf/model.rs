@@ -177,6 +177,17 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
 
     let block_count = k.required_uint("block_count", "the number of layers")?;
     let block_count = k.u32_at_most("block_count", block_count, MAX_LAYERS)?;
+    let nextn_key = "nextn_predict_layers";
+    let nextn_layers = k.uint(nextn_key)?.unwrap_or(0);
+    if nextn_layers > u64::from(block_count) {
+        return Err(k.bad(
+            &k.key(nextn_key),
+            format!("{nextn_layers} MTP blocks but block_count is {block_count}"),
+        ));
+    }
+    let nextn_layers = k.u32_of(nextn_key, nextn_layers)?;
+    // the layers the model computes; the MTP blocks come after them
+    let trunk = block_count.saturating_sub(nextn_layers);
     let n_embd = k.required_uint("embedding_length", "the hidden size")?;
     let n_embd = k.at_most("embedding_length", n_embd, MAX_WIDTH)?;
     let context_length = k.required_uint("context_length", "the trained context size")?;
@@ -225,7 +236,7 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
     let key_len = k.uint_at_most("attention.key_length", MAX_WIDTH)?;
     let value_len = k.uint_at_most("attention.value_length", MAX_WIDTH)?;
     let mut kv_bytes: u64 = 0;
-    for layer in 0..u64::from(block_count) {
+    for layer in 0..u64::from(trunk) {
         let per_layer = |list: &[u64]| -> u64 {
             if list.len() == 1 {
                 list.first().copied().unwrap_or(0)
@@ -256,6 +267,7 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
 
     let mut total_bytes: u64 = 0;
     let mut expert_bytes: u64 = 0;
+    let mut nextn_bytes: u64 = 0;
     let mut per_layer: BTreeMap<u32, u64> = BTreeMap::new();
     for (part, t) in parts
         .iter()
@@ -263,6 +275,10 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
     {
         // The reader bounded every tensor by the file size, so these sums fit.
         total_bytes = total_bytes.saturating_add(t.size);
+        if layer_of(&t.name).is_some_and(|l| l >= trunk && l < block_count) {
+            nextn_bytes = nextn_bytes.saturating_add(t.size);
+            continue;
+        }
         if !is_expert_tensor(&t.name) {
             continue;
         }
@@ -324,7 +340,11 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         total_bytes,
         expert_bytes,
         expert_bytes_per_layer: per_layer,
-        non_expert_bytes: total_bytes.saturating_sub(expert_bytes),
+        non_expert_bytes: total_bytes
+            .saturating_sub(expert_bytes)
+            .saturating_sub(nextn_bytes),
+        nextn_layers,
+        nextn_bytes,
         kv_bytes_per_token_f16: kv_bytes,
     })
 }

@@ -218,7 +218,9 @@ impl Model {
             .collect();
         let one: u64 = i.expert_bytes_per_layer.values().sum();
         Model {
-            layers: i.block_count,
+            // the layers the engine computes: MTP blocks are loaded only for MTP
+            // speculative decoding, which the plan does not turn on
+            layers: i.block_count.saturating_sub(i.nextn_layers),
             n_exp,
             n_used: i.expert_used_count.min(n_exp),
             non_expert: i.non_expert_bytes,

@@ -59,6 +59,11 @@ pub enum SynthArch {
     /// softmax over the selected experts, attention sinks, q/k/v and output biases, no
     /// q/k norms, and sliding-window attention in every other layer.
     GptOss,
+    /// `glm4moe` (GLM-4.5): a dense first layer, a shared expert, sigmoid routing with a
+    /// selection bias (`exp_probs_b`) and normalized weights, q/k/v biases, partial RoPE,
+    /// and one multi-token-prediction block after the last layer (`nextn_predict_layers`,
+    /// with experts of its own), which llama.cpp loads only for MTP speculative decoding.
+    Glm4Moe,
 }
 
 impl SynthArch {
@@ -68,6 +73,7 @@ impl SynthArch {
             SynthArch::Qwen3Moe => ARCH,
             SynthArch::HyV3 => "hy_v3",
             SynthArch::GptOss => "gpt-oss",
+            SynthArch::Glm4Moe => "glm4moe",
         }
     }
 }
@@ -301,12 +307,27 @@ impl SynthConfig {
         self.expert_ffn.saturating_mul(self.n_expert_used)
     }
 
-    /// Whether layer `l` has a dense FFN and no experts (hy_v3's first and middle ones).
+    /// Whether layer `l` has a dense FFN and no experts (hy_v3's first and middle ones,
+    /// glm4moe's first).
     pub fn is_dense(&self, l: u32) -> bool {
-        self.arch == SynthArch::HyV3 && (l == 0 || (self.layers >= 4 && l == self.layers / 2))
+        match self.arch {
+            SynthArch::HyV3 => l == 0 || (self.layers >= 4 && l == self.layers / 2),
+            SynthArch::Glm4Moe => l == 0,
+            SynthArch::Qwen3Moe | SynthArch::GptOss => false,
+        }
     }
 
-    /// Layers with experts.
+    /// Multi-token-prediction blocks after the `layers` the model computes (glm4moe: 1).
+    pub fn nextn_layers(&self) -> u32 {
+        u32::from(self.arch == SynthArch::Glm4Moe)
+    }
+
+    /// `block_count`: the layers plus the multi-token-prediction blocks.
+    pub fn block_count(&self) -> u32 {
+        self.layers.saturating_add(self.nextn_layers())
+    }
+
+    /// Layers with experts that the model computes (not counting MTP blocks).
     pub fn moe_layers(&self) -> u32 {
         (0..self.layers).filter(|&l| !self.is_dense(l)).count() as u32
     }
@@ -323,10 +344,17 @@ impl SynthConfig {
         if self.layers == 0 || self.layers > 512 {
             return bad(format!("--layers {} must be in 1..=512", self.layers));
         }
-        if self.arch == SynthArch::HyV3 && self.layers < 2 {
+        if matches!(self.arch, SynthArch::HyV3 | SynthArch::Glm4Moe) && self.layers < 2 {
             return bad(format!(
-                "--layers {}: hy_v3's first layer is dense, so it needs at least 2",
-                self.layers
+                "--layers {}: {}'s first layer is dense, so it needs at least 2",
+                self.layers,
+                self.arch.name()
+            ));
+        }
+        if self.arch == SynthArch::Glm4Moe && self.head_dim() % 4 != 0 {
+            return bad(format!(
+                "head dim {} (embd / heads) must be a multiple of 4: glm4moe ropes half of it",
+                self.head_dim()
             ));
         }
         if self.arch == SynthArch::GptOss && self.attn_recency > 0.0 {
@@ -534,9 +562,10 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
         ),
     ];
     let gpt_oss = c.arch == SynthArch::GptOss;
-    // small F32 values, for gpt-oss's biases
+    let glm = c.arch == SynthArch::Glm4Moe;
+    // small F32 values, for gpt-oss's and glm4moe's biases
     let normal = |std: f64| Fill::Router { std, skew: 0.0 };
-    for l in 0..c.layers {
+    for l in 0..c.block_count() {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
         let b = |s: &str| format!("blk.{l}.{s}.bias");
         v.push(t(n("attn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
@@ -573,8 +602,12 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             v.push(bias("attn_q", n_q));
             v.push(bias("attn_k", n_kv));
         }
-        if gpt_oss {
+        if gpt_oss || glm {
+            // q/k/v biases (q and k are the recency ones above when that is on)
             for (name, len) in [("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)] {
+                if name != "attn_v" && c.attn_recency > 0.0 {
+                    continue;
+                }
                 v.push(t(
                     b(name),
                     vec![len],
@@ -617,7 +650,12 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             };
             v.push(t(n("attn_q_norm"), vec![head_dim], GgmlType::F32, qk_norm));
             v.push(t(n("attn_k_norm"), vec![head_dim], GgmlType::F32, qk_norm));
-            v.push(t(n("ffn_norm"), vec![n_embd], GgmlType::F32, Fill::Ones));
+            let ffn_norm = if glm {
+                "post_attention_norm"
+            } else {
+                "ffn_norm"
+            };
+            v.push(t(n(ffn_norm), vec![n_embd], GgmlType::F32, Fill::Ones));
         }
         // A dense SiLU FFN `width` wide in Q8_0: ffn_gate{sfx}, ffn_up{sfx}, ffn_down{sfx}.
         let push_dense_ffn = |v: &mut Vec<Planned>, sfx: &str, width: u64| {
@@ -654,9 +692,18 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 normal(GPT_OSS_BIAS_STD),
             ));
         }
+        if glm {
+            // added to the router's scores for choosing the experts only
+            v.push(t(
+                b("exp_probs_b"),
+                vec![n_exp],
+                GgmlType::F32,
+                normal(GPT_OSS_BIAS_STD),
+            ));
+        }
         let ex = c.expert_type.ggml(false, l);
         match c.arch {
-            SynthArch::Qwen3Moe | SynthArch::GptOss => {
+            SynthArch::Qwen3Moe | SynthArch::GptOss | SynthArch::Glm4Moe => {
                 v.push(t(
                     n("ffn_gate_exps"),
                     vec![n_embd, n_ff, n_exp],
@@ -669,6 +716,9 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                     ex,
                     quant(inv_sqrt(n_embd)),
                 ));
+                if glm {
+                    push_dense_ffn(&mut v, "_shexp", n_ff);
+                }
             }
             SynthArch::HyV3 => {
                 // one expert's gate rows, then its up rows
@@ -702,6 +752,24 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 ));
             }
         }
+        if l >= c.layers {
+            // a multi-token-prediction block: the next token's embedding and this block's
+            // input, normalized and projected back to n_embd
+            v.push(t(
+                format!("blk.{l}.nextn.eh_proj.weight"),
+                vec![2 * n_embd, n_embd],
+                q8,
+                quant(inv_sqrt(2 * n_embd)),
+            ));
+            for name in ["enorm", "hnorm"] {
+                v.push(t(
+                    format!("blk.{l}.nextn.{name}.weight"),
+                    vec![n_embd],
+                    GgmlType::F32,
+                    Fill::Ones,
+                ));
+            }
+        }
     }
     v
 }
@@ -727,7 +795,7 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
                 ExpertType::Mxfp4 => 38,
             }),
         ),
-        (a("block_count"), Value::U32(c.layers)),
+        (a("block_count"), Value::U32(c.block_count())),
         (a("context_length"), Value::U32(c.ctx)),
         (a("embedding_length"), Value::U32(c.n_embd)),
         // qwen3moe ignores it when expert_feed_forward_length is set (real files carry
@@ -813,6 +881,19 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
         // every other layer attends to a sliding window (llama.cpp's default pattern for
         // gpt-oss), with its real window
         md.push((a("attention.sliding_window"), Value::U32(GPT_OSS_WINDOW)));
+    }
+    if c.arch == SynthArch::Glm4Moe {
+        md.extend([
+            (a("nextn_predict_layers"), Value::U32(c.nextn_layers())),
+            (a("leading_dense_block_count"), Value::U32(1)),
+            (a("expert_shared_count"), Value::U32(1)),
+            // llama_expert_gating_func_type: 2 = sigmoid
+            (a("expert_gating_func"), Value::U32(2)),
+            (a("expert_weights_norm"), Value::Bool(true)),
+            (a("expert_weights_scale"), Value::F32(1.0)),
+            // GLM ropes half of each head
+            (a("rope.dimension_count"), Value::U32(c.head_dim() / 2)),
+        ]);
     }
     if c.arch == SynthArch::HyV3 {
         // the shared expert is as wide as a routed one
