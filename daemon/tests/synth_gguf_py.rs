@@ -52,6 +52,7 @@ fn upstream_python_reader_agrees() {
         (SynthArch::Qwen3Moe, ExpertType::Q8_0),
         (SynthArch::Qwen3Moe, ExpertType::Q4KM),
         (SynthArch::GptOss, ExpertType::Mxfp4),
+        (SynthArch::Glm4Moe, ExpertType::Q2K),
     ]
     .into_iter()
     .enumerate()
@@ -99,6 +100,7 @@ fn upstream_python_reader_agrees() {
                 GgmlType::Q8_0 => quant::dequant_q8_0(raw),
                 GgmlType::Q6_K => quant::dequant_q6_k(raw),
                 GgmlType::MXFP4 => quant::dequant_mxfp4(raw),
+                GgmlType::Q2_K => quant::dequant_q2_k(raw),
                 _ => raw
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

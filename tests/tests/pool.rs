@@ -237,6 +237,13 @@ fn pool_is_bit_exact_on_tiny_q4_k_m() {
 }
 
 #[test]
+fn pool_is_bit_exact_on_tiny_q2_k() {
+    // Q2_K, as the smallest quants of the largest MoE models have most experts: on x86
+    // with AVX-512 its slots are repacked (q2_K 8x8), elsewhere plain memory.
+    check_exact(Preset::Tiny, ExpertType::Q2K, &[4, 8, 32], &[4], &[4]);
+}
+
+#[test]
 fn pool_is_bit_exact_on_fused_gate_up_experts() {
     // hy_v3: gate and up in one expert tensor (the pool's GATE_UP projection, read and
     // waited for before down), a shared expert outside the pool, sigmoid routing, and

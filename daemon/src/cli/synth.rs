@@ -70,6 +70,10 @@ pub enum ExpertTypeArg {
     /// MXFP4, as gpt-oss ships its experts (rows must be multiples of 32).
     #[value(name = "mxfp4")]
     Mxfp4,
+    /// Q2_K, as the smallest quants of the largest models have most experts (rows must
+    /// be multiples of 256).
+    #[value(name = "q2_k")]
+    Q2K,
 }
 
 /// Options of `expertd synth`; explicit options override the preset.
@@ -206,6 +210,7 @@ impl SynthArgs {
                 ExpertTypeArg::Q8_0 => ExpertType::Q8_0,
                 ExpertTypeArg::Q4KM => ExpertType::Q4KM,
                 ExpertTypeArg::Mxfp4 => ExpertType::Mxfp4,
+                ExpertTypeArg::Q2K => ExpertType::Q2K,
             };
         }
         c

@@ -54,6 +54,8 @@ impl GgmlType {
     pub const Q4_0: GgmlType = GgmlType(2);
     /// 8-bit, blocks of 32 with an f16 scale.
     pub const Q8_0: GgmlType = GgmlType(8);
+    /// 2-bit k-quant, super-blocks of 256.
+    pub const Q2_K: GgmlType = GgmlType(10);
     /// 4-bit k-quant, super-blocks of 256.
     pub const Q4_K: GgmlType = GgmlType(12);
     /// 6-bit k-quant, super-blocks of 256.

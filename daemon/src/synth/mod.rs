@@ -107,6 +107,9 @@ pub enum ExpertType {
     Q4KM,
     /// MXFP4 (as gpt-oss ships its experts): rows must be multiples of 32.
     Mxfp4,
+    /// Q2_K (as the smallest quants of the largest MoE models have most experts): rows
+    /// must be multiples of 256.
+    Q2K,
 }
 
 impl std::fmt::Display for ExpertType {
@@ -127,6 +130,7 @@ impl ExpertType {
             ExpertType::Q4KM if down && layer % 2 == 0 => GgmlType::Q6_K,
             ExpertType::Q4KM => GgmlType::Q4_K,
             ExpertType::Mxfp4 => GgmlType::MXFP4,
+            ExpertType::Q2K => GgmlType::Q2_K,
         }
     }
 }
@@ -412,6 +416,7 @@ impl SynthConfig {
             ExpertType::Q8_0 => (32, "q8_0"),
             ExpertType::Q4KM => (256, "q4_K and q6_K"),
             ExpertType::Mxfp4 => (32, "mxfp4"),
+            ExpertType::Q2K => (256, "q2_K"),
         };
         for (what, n) in [("--embd", self.n_embd), ("--expert-ffn", self.expert_ffn)] {
             if n == 0 || n % block != 0 {
@@ -793,6 +798,7 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
                 ExpertType::Q4K | ExpertType::Q4KM => 15,
                 ExpertType::Q8_0 => 7,
                 ExpertType::Mxfp4 => 38,
+                ExpertType::Q2K => 10,
             }),
         ),
         (a("block_count"), Value::U32(c.block_count())),
@@ -986,6 +992,7 @@ fn generate(seed: u64, info: &TensorInfo, fill: Fill, chunk: &Chunk) -> Vec<u8> 
                     GgmlType::Q4_K => quant::q4_k_row(&mut r, n, std, &mut out),
                     GgmlType::Q6_K => quant::q6_k_row(&mut r, n, std, &mut out),
                     GgmlType::MXFP4 => quant::mxfp4_row(&mut r, n, std, &mut out),
+                    GgmlType::Q2_K => quant::q2_k_row(&mut r, n, std, &mut out),
                     _ => quant::q8_0_row(&mut r, n, std, &mut out),
                 }
             }

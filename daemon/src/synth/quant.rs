@@ -19,6 +19,16 @@ pub const Q6_K_BLOCK: usize = 256;
 /// scales, f16 d.
 pub const Q6_K_BYTES: usize = 210;
 
+/// Elements per Q2_K super-block.
+pub const Q2_K_BLOCK: usize = 256;
+/// Bytes per Q2_K super-block: 16 bytes of 4-bit scales and mins, 64 bytes of 2-bit
+/// quants, f16 d, f16 dmin.
+pub const Q2_K_BYTES: usize = 84;
+/// Every Q2_K sub-block uses scale 2 and min 3 with dmin = d, so a weight is
+/// d (2q - 3) in {-3, -1, 1, 3} d for a uniform 2-bit q: zero mean, std sqrt(5) d.
+const Q2K_SCALE_MIN: u8 = 2 | (3 << 4);
+const Q2K_STD_PER_D: f64 = 2.236_067_977_499_79;
+
 /// Elements per MXFP4 block.
 pub const MXFP4_BLOCK: usize = 32;
 /// Bytes per MXFP4 block: an E8M0 scale byte and 16 bytes of 4-bit E2M1 codes.
@@ -202,6 +212,47 @@ pub fn q4_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
         out.extend_from_slice(&scales);
         out.extend_from_slice(&qs);
     }
+}
+
+/// Appends one row of `n` Q2_K weights (n a multiple of 256) with standard deviation `std`.
+pub fn q2_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
+    let d = f32_to_f16((std / Q2K_STD_PER_D) as f32).to_le_bytes();
+    let mut qs = [0u8; Q2_K_BLOCK / 4];
+    for _ in 0..n / Q2_K_BLOCK {
+        rng.fill_bytes(&mut qs);
+        out.extend_from_slice(&[Q2K_SCALE_MIN; 16]);
+        out.extend_from_slice(&qs);
+        out.extend_from_slice(&d); // d
+        out.extend_from_slice(&d); // dmin = d: the mins cancel the quants' mean
+    }
+}
+
+/// Dequantizes Q2_K blocks the way ggml's `dequantize_row_q2_K` does (reference, for
+/// tests): two halves of 128 weights, each four groups of 32 (2-bit fields of the same
+/// 32 bytes, low bits first), each group two sub-blocks of 16 with their own scale byte.
+pub fn dequant_q2_k(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(Q2_K_BYTES) {
+        let (scales, rest) = b.split_at(16);
+        let (qs, dm) = rest.split_at(64);
+        let d = f16_to_f32(u16::from_le_bytes([dm[0], dm[1]]));
+        let min = f16_to_f32(u16::from_le_bytes([dm[2], dm[3]]));
+        let mut is = 0;
+        for half in 0..2 {
+            let q = &qs[32 * half..32 * half + 32];
+            for shift in [0, 2, 4, 6] {
+                for part in 0..2 {
+                    let sc = scales[is];
+                    is += 1;
+                    let (dl, ml) = (d * f32::from(sc & 0xf), min * f32::from(sc >> 4));
+                    for &x in &q[16 * part..16 * part + 16] {
+                        out.push(dl * f32::from((x >> shift) & 3) - ml);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Appends one row of `n` Q6_K weights (n a multiple of 256) with standard deviation `std`.
@@ -410,6 +461,37 @@ mod tests {
                 "{x}"
             );
         }
+    }
+
+    #[test]
+    fn q2_k_dequant_reads_each_sub_block_with_its_own_scale() {
+        // every 2-bit quant 1, d and dmin 1, sub-block i's scale i + 1 (4 bits) and min 0,
+        // except the last: scale 1, min 15. Weight j is then the value of the sub-block
+        // ggml puts it in (16 consecutive weights per sub-block): 1..=15, then -14.
+        let mut b = [0u8; Q2_K_BYTES];
+        for (i, sc) in b[..15].iter_mut().enumerate() {
+            *sc = i as u8 + 1;
+        }
+        b[15] = 1 | (15 << 4);
+        b[16..80].fill(0b0101_0101);
+        b[80..82].copy_from_slice(&f32_to_f16(1.0).to_le_bytes());
+        b[82..84].copy_from_slice(&f32_to_f16(1.0).to_le_bytes());
+        let w = dequant_q2_k(&b);
+        for (j, &x) in w.iter().enumerate() {
+            let want = if j < 240 { (j / 16 + 1) as f32 } else { -14.0 };
+            assert_eq!(x, want, "weight {j}");
+        }
+    }
+
+    #[test]
+    fn q2_k_blocks_have_requested_std() {
+        let mut rng = Rng::new(8);
+        let mut buf = Vec::new();
+        q2_k_row(&mut rng, 256 * 512, 0.03, &mut buf);
+        assert_eq!(buf.len(), 512 * Q2_K_BYTES);
+        let (mean, std) = stats(&dequant_q2_k(&buf));
+        assert!(mean.abs() < 0.03 * 0.01, "mean {mean}");
+        assert!((std / 0.03 - 1.0).abs() < 0.01, "std {std}");
     }
 
     #[test]
