@@ -467,3 +467,49 @@ fn only_the_gpus_cuda_shows_the_engine_count() {
     snap.cuda_visible_devices = Some("GPU-8a1f".into());
     assert_eq!(vram(&plan(&snap, &config)), vram(&both));
 }
+
+/// A multi-token-prediction block after the last layer (GLM-4.5, DeepSeek-V3 files) is in
+/// block_count but not loaded without MTP: the plan is the same as without it, except
+/// that `-ngl`, which llama.cpp counts from the end of block_count + 1, grows by one
+/// wherever a layer is offloaded (else the first offloaded layer would stay on the CPU).
+#[test]
+fn an_mtp_block_leaves_the_plan_alone_but_for_the_offload_count() {
+    let mut cases = Vec::new();
+    for name in [
+        "cpu_fits",
+        "cpu_ram_40pct",
+        "gpu12_qwen3_30b_a3b",
+        "gpu24_gpt_oss_120b",
+        "gpu80_gpt_oss_120b",
+    ] {
+        cases.push((name, load(name)));
+    }
+    // and a partial offload: the non-expert weights do not fit a small GPU
+    let (snap, mut config) = load("gpu12_qwen3_30b_a3b");
+    config.memory.vram = expertd::config::Budget::Bytes(1 << 30);
+    cases.push(("gpu12 with 1 GiB of VRAM", (snap, config)));
+    let mut partial = false;
+    for (name, (snap, config)) in cases {
+        let p = plan(&snap, &config);
+        let mut mtp = snap.clone();
+        mtp.model.info.block_count += 1;
+        mtp.model.info.nextn_layers = 1;
+        mtp.model.info.nextn_bytes = 3 << 30;
+        mtp.model.info.total_bytes += 3 << 30;
+        let q = plan(&mtp, &config);
+        let want = if p.gpu_layers == 0 {
+            0
+        } else {
+            p.gpu_layers + 1
+        };
+        assert_eq!(q.gpu_layers, want, "{name}");
+        partial |= p.gpu_layers > 0 && p.gpu_layers < snap.model.info.block_count + 1;
+        assert_eq!(
+            (q.n_cpu_moe, &q.pool, q.ctx_size, &q.memory),
+            (p.n_cpu_moe, &p.pool, p.ctx_size, &p.memory),
+            "{name}"
+        );
+        assert_properties(name, &mtp, &config, &q);
+    }
+    assert!(partial, "no case offloads part of the layers");
+}

@@ -149,7 +149,9 @@ pub struct Reason {
 pub struct Plan {
     pub model_path: PathBuf,
     pub pool: Option<PoolPlan>,
-    /// `-ngl`: layers (of block_count + 1, the output) on the GPU.
+    /// `-ngl`: layers (of block_count + 1, the output) on the GPU. llama.cpp counts MTP
+    /// blocks (after the last layer) in block_count and offloads from the end, so a plan
+    /// that offloads any layer adds them, though they are not loaded without MTP.
     pub gpu_layers: u32,
     /// `--n-cpu-moe`: the first N layers keep their experts in RAM.
     pub n_cpu_moe: u32,
@@ -192,6 +194,8 @@ pub fn assumed_hit_rate(slots: u32, experts: u32) -> f64 {
 /// Facts derived once from the snapshot.
 struct Model {
     layers: u32,
+    /// MTP blocks after the `layers` (in block_count, not computed).
+    nextn: u32,
     n_exp: u32,
     n_used: u32,
     non_expert: u64,
@@ -221,6 +225,7 @@ impl Model {
             // the layers the engine computes: MTP blocks are loaded only for MTP
             // speculative decoding, which the plan does not turn on
             layers: i.block_count.saturating_sub(i.nextn_layers),
+            nextn: i.nextn_layers.min(i.block_count),
             n_exp,
             n_used: i.expert_used_count.min(n_exp),
             non_expert: i.non_expert_bytes,
@@ -231,6 +236,17 @@ impl Model {
             kv_per_token_f16: i.kv_bytes_per_token_f16,
             n_embd: i.n_embd,
             ctx_train: i.context_length,
+        }
+    }
+
+    /// `-ngl` for the last `g` of the layers the engine computes and the output (`g`
+    /// counts the output as one): llama.cpp offloads the last `-ngl` of block_count + 1,
+    /// which ends with the MTP blocks.
+    fn ngl(&self, g: u32) -> u32 {
+        if g == 0 {
+            0
+        } else {
+            g.saturating_add(self.nextn)
         }
     }
 
@@ -923,12 +939,12 @@ fn place(
         });
         why.push(Reason {
             topic: "placement",
-            choice: format!("-ngl {all_layers}, --n-cpu-moe 0"),
+            choice: format!("-ngl {}, --n-cpu-moe 0", m.ngl(all_layers)),
             why: "all layers and the output on the GPU".into(),
         });
         let fits = ram.total() <= b.ram;
         return Placement {
-            gpu_layers: all_layers,
+            gpu_layers: m.ngl(all_layers),
             n_cpu_moe: 0,
             pool: None,
             vram,
@@ -988,7 +1004,7 @@ fn place(
             });
             why.push(Reason {
                 topic: "placement",
-                choice: format!("-ngl {all_layers}, --n-cpu-moe {n_cpu_moe}"),
+                choice: format!("-ngl {}, --n-cpu-moe {n_cpu_moe}", m.ngl(all_layers)),
                 why: format!(
                     "non-expert weights ({}), KV ({}) and buffers on the GPU; the experts of the last {} MoE layers ({}) fill the remaining VRAM, the first {n_cpu_moe} layers' experts ({}) stay in RAM",
                     human_bytes(m.non_expert),
@@ -999,7 +1015,7 @@ fn place(
                 ),
             });
             return Placement {
-                gpu_layers: all_layers,
+                gpu_layers: m.ngl(all_layers),
                 n_cpu_moe,
                 pool: None,
                 vram,
@@ -1042,11 +1058,11 @@ fn place(
         let moe_layers = m.layer_experts.keys().next_back().map_or(0, |l| l + 1);
         why.push(Reason {
             topic: "placement",
-            choice: format!("-ngl {all_layers}, --n-cpu-moe {moe_layers}"),
+            choice: format!("-ngl {}, --n-cpu-moe {moe_layers}", m.ngl(all_layers)),
             why: "all layers on the GPU except the experts: they stay in the file on the host and the pool's RAM slots serve them to the CPU".into(),
         });
         return Placement {
-            gpu_layers: all_layers,
+            gpu_layers: m.ngl(all_layers),
             n_cpu_moe: moe_layers,
             pool: Some((slots, Tier::Ram, 0)),
             vram,
@@ -1082,7 +1098,7 @@ fn place(
         };
     why.push(Reason {
         topic: "placement",
-        choice: format!("-ngl {g}, --n-cpu-moe {moe_layers}"),
+        choice: format!("-ngl {}, --n-cpu-moe {moe_layers}", m.ngl(g)),
         why: format!(
             "the non-expert weights ({}) and KV ({}) do not fit the VRAM budget ({}): {g} of {all_layers} layers' attention on the GPU, every expert on the CPU",
             human_bytes(m.non_expert),
@@ -1108,7 +1124,7 @@ fn place(
             },
         });
         return Placement {
-            gpu_layers: g,
+            gpu_layers: m.ngl(g),
             n_cpu_moe: moe_layers,
             pool: None,
             vram,
@@ -1134,7 +1150,7 @@ fn place(
         ),
     });
     Placement {
-        gpu_layers: g,
+        gpu_layers: m.ngl(g),
         n_cpu_moe: moe_layers,
         pool: Some((slots, Tier::Ram, 0)),
         vram,
