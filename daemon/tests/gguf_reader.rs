@@ -861,6 +861,11 @@ fn mtp_blocks_are_neither_expert_nor_resident_data() {
     );
     // the KV cache of layer 0 only
     assert_eq!(m.kv_bytes_per_token_f16, 2 * 2 * 2 * 16);
+    // a file of MTP blocks only is a draft head, not a model to serve
+    let spec = moe_spec().with(|s| s.kvs.push(kv_u32("m.nextn_predict_layers", 2)));
+    let f = GgufFile::parse_bytes(&spec.bytes()).expect("parses");
+    let e = ModelInfo::from_gguf(&f).expect_err("only MTP blocks");
+    assert!(e.to_string().contains("all 2 blocks are MTP blocks"), "{e}");
     // more MTP blocks than layers is a corrupt header
     let spec = moe_spec().with(|s| s.kvs.push(kv_u32("m.nextn_predict_layers", 3)));
     let f = GgufFile::parse_bytes(&spec.bytes()).expect("parses");

@@ -13,8 +13,18 @@ use std::collections::BTreeMap;
 
 use super::{GgufError, GgufFile, ModelInfo, Value};
 
+/// The expert weight tensors the engine's pool serves (the patch's
+/// `llama_expert_pool_is_expert_tensor`).
+const EXPERT_KINDS: [&str; 4] = [
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
+    "ffn_gate_up_exps",
+];
+
 pub(super) fn is_expert_tensor(name: &str) -> bool {
-    // `blk.N.<stem>_exps.weight`: the stem ends in `_exps` (not `_chexps`, `_shexp`).
+    // `blk.N.<kind>.weight` with the kinds the engine's pool serves (not `_chexps`,
+    // `_shexp`, nor other per-expert tensors such as Arctic's `ffn_norm_exps`).
     let Some(rest) = name.strip_prefix("blk.") else {
         return false;
     };
@@ -22,7 +32,7 @@ pub(super) fn is_expert_tensor(name: &str) -> bool {
         return false;
     };
     match rest.rsplit_once('.') {
-        Some((stem, suffix)) => stem.ends_with("_exps") && suffix == "weight",
+        Some((stem, suffix)) => EXPERT_KINDS.contains(&stem) && suffix == "weight",
         None => false,
     }
 }
@@ -186,6 +196,15 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         ));
     }
     let nextn_layers = k.u32_of(nextn_key, nextn_layers)?;
+    if nextn_layers == block_count {
+        return Err(k.bad(
+            &k.key(nextn_key),
+            format!(
+                "all {block_count} blocks are MTP blocks: a draft head for MTP speculative \
+                 decoding, not a model to serve"
+            ),
+        ));
+    }
     // the layers the model computes; the MTP blocks come after them
     let trunk = block_count.saturating_sub(nextn_layers);
     let n_embd = k.required_uint("embedding_length", "the hidden size")?;
@@ -379,6 +398,8 @@ mod tests {
             // per-expert biases and scales stay with the other weights
             "blk.3.ffn_up_exps.bias",
             "blk.3.ffn_up_exps.scale",
+            // per-expert tensors the pool does not serve
+            "blk.3.ffn_norm_exps.weight",
         ] {
             assert!(!is_expert_tensor(no), "{no}");
         }
