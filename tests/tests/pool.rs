@@ -31,16 +31,31 @@ fn model_of(
     experts: ExpertType,
     seed: u64,
 ) -> (PathBuf, SynthConfig) {
+    model_with(dir, preset, experts, seed, |c| {
+        c.arch = arch;
+        c.layers = layers.unwrap_or(c.layers);
+    })
+}
+
+/// A model of `preset` with `experts`, changed by `tweak`.
+fn model_with(
+    dir: &Path,
+    preset: Preset,
+    experts: ExpertType,
+    seed: u64,
+    tweak: impl Fn(&mut SynthConfig),
+) -> (PathBuf, SynthConfig) {
     let mut config = SynthConfig::preset(preset);
     config.seed = seed;
     config.expert_type = experts;
-    config.arch = arch;
-    config.layers = layers.unwrap_or(config.layers);
+    tweak(&mut config);
     let path = dir.join(format!(
-        "{}-{}-{:?}-{seed}.gguf",
+        "{}-{}-{:?}-{}x{}-{seed}.gguf",
         preset.name(),
-        arch.name(),
-        experts
+        config.arch.name(),
+        experts,
+        config.layers,
+        config.n_embd
     ));
     write_model(&config, &path, 2).expect("writing the model");
     (path, config)
@@ -84,27 +99,22 @@ fn check_exact(
     prefetch_at: &[u32],
     wait_all_at: &[u32],
 ) {
-    check_exact_arch(
-        preset,
-        (SynthArch::Qwen3Moe, None),
-        experts,
-        slots,
-        prefetch_at,
-        wait_all_at,
-    );
+    check_exact_arch(preset, |_| {}, experts, slots, prefetch_at, wait_all_at);
 }
 
-/// [`check_exact`] on a model of another architecture (and layer count, if given).
+/// [`check_exact`] on a model changed by `tweak` (another architecture, layer count or
+/// shape).
 fn check_exact_arch(
     preset: Preset,
-    (arch, layers): (SynthArch, Option<u32>),
+    tweak: impl Fn(&mut SynthConfig),
     experts: ExpertType,
     slots: &[u32],
     prefetch_at: &[u32],
     wait_all_at: &[u32],
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let (path, config) = model_of(dir.path(), preset, arch, layers, experts, 5);
+    let (path, config) = model_with(dir.path(), preset, experts, 5, tweak);
+    let arch = config.arch;
     let n_probs = config.vocab as usize;
     assert!(slots.contains(&config.n_expert_used) && slots.contains(&config.n_expert));
 
@@ -253,7 +263,10 @@ fn pool_is_bit_exact_on_fused_gate_up_experts() {
     // so read-ahead across layer 3 needs MoE layers after 4).
     check_exact_arch(
         Preset::Tiny,
-        (SynthArch::HyV3, Some(6)),
+        |c| {
+            c.arch = SynthArch::HyV3;
+            c.layers = 6;
+        },
         ExpertType::Q4K,
         &[4, 8, 32],
         &[4],
@@ -266,10 +279,15 @@ fn pool_is_bit_exact_on_gpt_oss() {
     // gpt-oss: MXFP4 experts (repacked on x86, like Q4_K), per-expert biases that keep
     // the router's expert ids while the matmuls read slots, a router bias, the clamped
     // SwiGLU, attention sinks, and a window of 128 tokens in every other layer, which the
-    // prompt (about 150 tokens) and the 64 generated ones run past.
+    // prompt (about 150 tokens) and the 64 generated ones run past. Rows of 288 weights,
+    // as gpt-oss's 2880 a multiple of MXFP4's 32 but not of 256 (9 blocks per row).
     check_exact_arch(
         Preset::Tiny,
-        (SynthArch::GptOss, None),
+        |c| {
+            c.arch = SynthArch::GptOss;
+            c.n_embd = 288;
+            c.expert_ffn = 288;
+        },
         ExpertType::Mxfp4,
         &[4, 8, 32],
         &[4],
@@ -286,7 +304,7 @@ fn pool_is_bit_exact_on_glm4moe() {
     // expert tensors twice).
     check_exact_arch(
         Preset::Tiny,
-        (SynthArch::Glm4Moe, None),
+        |c| c.arch = SynthArch::Glm4Moe,
         ExpertType::Q4K,
         &[4, 8, 32],
         &[4],

@@ -1,4 +1,4 @@
-//! Synthetic MoE models: a `qwen3moe` GGUF (or `hy_v3`, `gpt-oss`: [`SynthArch`]) with
+//! Synthetic MoE models: a `qwen3moe` GGUF (or `hy_v3`, `gpt-oss`, `glm4moe`: [`SynthArch`]) with
 //! random weights that the pinned llama.cpp loads and runs, with the real tensor names,
 //! shapes and types, a byte-fallback SPM vocabulary, and knobs for how routing behaves.
 //!
@@ -22,7 +22,9 @@
 //!   are scaled by 1/16 so that greedy output is text and rarely ends early.
 //! - other norms F32: 1.
 //! - gpt-oss's biases (q/k/v, attention output, router, every expert's gate, up and down)
-//!   F32 normals of std 0.1; its attention sinks F32 normals of std 1.
+//!   and glm4moe's (q/k/v unless `attn_recency` sets q/k, the selection bias
+//!   `exp_probs_b`) F32 normals of std 0.1; gpt-oss's attention sinks F32 normals of std 1.
+//! - glm4moe's MTP block `nextn.eh_proj` Q8_0: 1/sqrt(2 n_embd).
 //!
 //! [`Locality`] names calibrated knob settings (routing locality like published real models,
 //! or clearly harder); bench/RESULTS.md has the measurements.
@@ -345,8 +347,13 @@ impl SynthConfig {
     pub fn validate(&self) -> Result<(), SynthError> {
         let bad = |msg: String| Err(SynthError::Config(msg));
         let (min_vocab, max_vocab) = (vocab::MIN_VOCAB, vocab::MAX_VOCAB);
-        if self.layers == 0 || self.layers > 512 {
-            return bad(format!("--layers {} must be in 1..=512", self.layers));
+        // llama.cpp's LLAMA_MAX_LAYERS bounds block_count, MTP blocks included
+        let max_layers = 512 - self.nextn_layers();
+        if self.layers == 0 || self.layers > max_layers {
+            return bad(format!(
+                "--layers {} must be in 1..={max_layers}",
+                self.layers
+            ));
         }
         if matches!(self.arch, SynthArch::HyV3 | SynthArch::Glm4Moe) && self.layers < 2 {
             return bad(format!(

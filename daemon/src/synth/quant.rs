@@ -24,10 +24,12 @@ pub const Q2_K_BLOCK: usize = 256;
 /// Bytes per Q2_K super-block: 16 bytes of 4-bit scales and mins, 64 bytes of 2-bit
 /// quants, f16 d, f16 dmin.
 pub const Q2_K_BYTES: usize = 84;
-/// Every Q2_K sub-block uses scale 2 and min 3 with dmin = d, so a weight is
-/// d (2q - 3) in {-3, -1, 1, 3} d for a uniform 2-bit q: zero mean, std sqrt(5) d.
-const Q2K_SCALE_MIN: u8 = 2 | (3 << 4);
-const Q2K_STD_PER_D: f64 = 2.236_067_977_499_79;
+/// Each Q2_K sub-block takes one of these (scale, min) pairs at random, with dmin = d, so a
+/// weight is d (s q - 1.5 s) for a uniform 2-bit q: zero mean whatever the pair, and the
+/// sub-blocks of a block differ (a repack that mixed up their scales would show). The
+/// variance is d^2 1.25 E[s^2] = 55 d^2 (E[s^2] = (4 + 16 + 36 + 64 + 100) / 5 = 44).
+const Q2K_SCALE_MIN: [(u8, u8); 5] = [(2, 3), (4, 6), (6, 9), (8, 12), (10, 15)];
+const Q2K_STD_PER_D: f64 = 7.416_198_487_095_663;
 
 /// Elements per MXFP4 block.
 pub const MXFP4_BLOCK: usize = 32;
@@ -218,9 +220,15 @@ pub fn q4_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
 pub fn q2_k_row(rng: &mut Rng, n: usize, std: f64, out: &mut Vec<u8>) {
     let d = f32_to_f16((std / Q2K_STD_PER_D) as f32).to_le_bytes();
     let mut qs = [0u8; Q2_K_BLOCK / 4];
+    let mut scales = [0u8; 16];
     for _ in 0..n / Q2_K_BLOCK {
+        rng.fill_bytes(&mut scales);
+        for b in &mut scales {
+            let (sc, m) = Q2K_SCALE_MIN[usize::from(*b) % Q2K_SCALE_MIN.len()];
+            *b = sc | (m << 4);
+        }
         rng.fill_bytes(&mut qs);
-        out.extend_from_slice(&[Q2K_SCALE_MIN; 16]);
+        out.extend_from_slice(&scales);
         out.extend_from_slice(&qs);
         out.extend_from_slice(&d); // d
         out.extend_from_slice(&d); // dmin = d: the mins cancel the quants' mean
@@ -487,11 +495,18 @@ mod tests {
     fn q2_k_blocks_have_requested_std() {
         let mut rng = Rng::new(8);
         let mut buf = Vec::new();
-        q2_k_row(&mut rng, 256 * 512, 0.03, &mut buf);
-        assert_eq!(buf.len(), 512 * Q2_K_BYTES);
+        q2_k_row(&mut rng, 256 * 4096, 0.03, &mut buf);
+        assert_eq!(buf.len(), 4096 * Q2_K_BYTES);
         let (mean, std) = stats(&dequant_q2_k(&buf));
         assert!(mean.abs() < 0.03 * 0.01, "mean {mean}");
         assert!((std / 0.03 - 1.0).abs() < 0.01, "std {std}");
+        // every (scale, min) pair is used, and a block's sub-blocks differ
+        let mut seen = std::collections::BTreeSet::new();
+        for b in buf.chunks_exact(Q2_K_BYTES) {
+            seen.extend(b[..16].iter().copied());
+            assert!(b[..16].iter().any(|&x| x != b[0]), "{:?}", &b[..16]);
+        }
+        assert_eq!(seen.len(), Q2K_SCALE_MIN.len(), "{seen:?}");
     }
 
     #[test]
