@@ -387,6 +387,65 @@ fn pool_is_bit_exact_on_mid_q4_k() {
     );
 }
 
+/// `kB` fields of /proc/PID/status, in bytes.
+fn proc_status(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let kb: u64 = v.trim().strip_suffix(" kB")?.parse().ok()?;
+            Some((k.to_string(), kb << 10))
+        })
+        .collect()
+}
+
+/// In every load mode llama.cpp has (mmap, none, mlock, mmap+mlock, dio), the pooled
+/// expert weights stay in the file: not paged in through the mapping, not read into
+/// anonymous memory, not locked; and the output is stock's.
+#[test]
+fn pooled_experts_stay_in_the_file_in_every_load_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, config) = model(dir.path(), Preset::Mid, ExpertType::Q4K, 5);
+    let info = expertd::gguf::ModelInfo::from_gguf(&expertd::gguf::GgufFile::open(&path).unwrap())
+        .unwrap();
+    let experts = info.expert_bytes;
+    let short = "The expert pool keeps the experts in slots.";
+    // stock reading everything into memory: the anonymous memory the experts would take
+    let stock = Server::start(
+        &engine_binary(Flavor::Stock, "llama-server"),
+        &path,
+        &["-lm", "none"],
+    )
+    .unwrap();
+    let (stock_tokens, _) = stock.greedy(short, 16).unwrap();
+    let stock_anon = proc_status(stock.pid())["RssAnon"];
+    stock.stop().unwrap();
+    assert!(
+        stock_anon > experts,
+        "stock -lm none holds {stock_anon} bytes"
+    );
+    let slots = (2 * config.n_expert_used).to_string();
+    for mode in ["mmap", "none", "mlock", "mmap+mlock", "dio"] {
+        let server = Server::start(
+            &engine_binary(Flavor::Patched, "llama-server"),
+            &path,
+            &["-lm", mode, "--expert-pool-slots", &slots],
+        )
+        .unwrap();
+        let (tokens, _) = server.greedy(short, 16).unwrap();
+        let st = proc_status(server.pid());
+        server.stop().unwrap();
+        assert_eq!(tokens, stock_tokens, "-lm {mode}");
+        let what = format!("-lm {mode}: {st:?}, experts {experts} bytes");
+        // not paged in through the mapping
+        assert!(st["RssFile"] < experts / 4, "{what}");
+        // not read into memory: the slots, staging area and buffers take far less
+        assert!(st["RssAnon"] + experts / 2 < stock_anon, "{what}");
+        // not locked (the non-expert weights may be)
+        assert!(st["VmLck"] <= info.non_expert_bytes + (8 << 20), "{what}");
+    }
+}
+
 /// A model split over three GGUF files (llama.cpp's `gguf-split` layout, written by
 /// `expertd::gguf::write_split`): stock reads the split files like the whole one, and the
 /// pool, whose experts now come from three files at other offsets, gives the same tokens
