@@ -218,3 +218,45 @@ fn synth_splits_a_model_and_gguf_reads_it_whole() {
     let out = run(&["synth", "--splits", "1", "-o", split.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// `expertd trace stats` numbers a trace's MoE layers 0.. (the format leaves dense layers
+/// out), or by the model's layer where `trace record`'s sidecar (TRACE.json) names them.
+#[test]
+fn trace_stats_names_the_model_layers_when_the_sidecar_does() {
+    let t = tempfile::tempdir().unwrap();
+    let trace = t.path().join("t.trace");
+    std::fs::write(
+        &trace,
+        "expert-trace 1 layers=2 experts=8 used=2\n0 1 | 2 3\n0 4 | 2 5\n1 4 | 6 5\n",
+    )
+    .unwrap();
+    let stats = || {
+        let out = Command::new(expertd_binary())
+            .args(["trace", "stats"])
+            .arg(&trace)
+            .output()
+            .expect("running expertd");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // the first cell of each row after the two header lines
+    let rows = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+            .collect()
+    };
+    let plain = stats();
+    assert!(plain.contains("2 MoE layers"), "{plain}");
+    assert_eq!(rows(&plain), ["moe", "0", "1", "mean"], "{plain}");
+    std::fs::write(
+        t.path().join("t.trace.json"),
+        r#"{"moe_layers": [1, 3], "arch": "glm4moe"}"#,
+    )
+    .unwrap();
+    let named = stats();
+    assert_eq!(rows(&named), ["blk", "1", "3", "mean"], "{named}");
+    // a sidecar that does not match the trace is ignored
+    std::fs::write(t.path().join("t.trace.json"), r#"{"moe_layers": [1]}"#).unwrap();
+    assert_eq!(rows(&stats()), ["moe", "0", "1", "mean"]);
+}

@@ -187,6 +187,19 @@ fn run_sim(a: SimArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The model layer of each MoE layer of a recorded trace, from the `moe_layers` of its
+/// sidecar (`TRACE.json`, written by `trace record`), when there is one.
+fn moe_layers_of(trace: &std::path::Path) -> Option<Vec<u64>> {
+    let mut side = trace.as_os_str().to_owned();
+    side.push(".json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(side).ok()?).ok()?;
+    v.get("moe_layers")?
+        .as_array()?
+        .iter()
+        .map(serde_json::Value::as_u64)
+        .collect()
+}
+
 fn run_stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     let t = read(&a.trace)?;
     let s = trace::stats(&t);
@@ -195,8 +208,11 @@ fn run_stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let lru_slots = (t.experts as usize).div_ceil(4).max(t.used as usize);
+    // The format numbers MoE layers 0.. without dense layers; `trace record`'s sidecar
+    // (TRACE.json) names the model's layers.
+    let model_layers = moe_layers_of(&a.trace).filter(|m| m.len() == s.len());
     println!(
-        "trace {}: {} layers, {} experts, {} used, {} tokens",
+        "trace {}: {} MoE layers, {} experts, {} used, {} tokens",
         a.trace.display(),
         t.layers,
         t.experts,
@@ -205,16 +221,20 @@ fn run_stats(a: StatsArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "{:>5} {:>8} {:>10} {:>8} {:>14}",
-        "layer",
+        if model_layers.is_some() { "blk" } else { "moe" },
         "reuse",
         "top10%",
         "zipf s",
         format!("LRU@{lru_slots}")
     );
-    for l in &s {
+    for (i, l) in s.iter().enumerate() {
+        let layer = model_layers
+            .as_ref()
+            .and_then(|m| m.get(i).copied())
+            .unwrap_or(u64::from(l.layer));
         println!(
             "{:>5} {:>7.1}% {:>9.1}% {:>8.2} {:>13.1}%",
-            l.layer,
+            layer,
             100.0 * l.reuse,
             100.0 * l.top10_share,
             l.zipf_s,
