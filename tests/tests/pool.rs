@@ -19,22 +19,7 @@ const PROMPT: &str = "An expert pool keeps the experts of every layer that the r
     needs more experts than there are slots, so it is computed from a staging area.";
 
 fn model(dir: &Path, preset: Preset, experts: ExpertType, seed: u64) -> (PathBuf, SynthConfig) {
-    model_of(dir, preset, SynthArch::Qwen3Moe, None, experts, seed)
-}
-
-/// A model of `preset` with `arch`, `layers` (or the preset's) and `experts`.
-fn model_of(
-    dir: &Path,
-    preset: Preset,
-    arch: SynthArch,
-    layers: Option<u32>,
-    experts: ExpertType,
-    seed: u64,
-) -> (PathBuf, SynthConfig) {
-    model_with(dir, preset, experts, seed, |c| {
-        c.arch = arch;
-        c.layers = layers.unwrap_or(c.layers);
-    })
+    model_with(dir, preset, experts, seed, |_| {})
 }
 
 /// A model of `preset` with `experts`, changed by `tweak`.
@@ -319,14 +304,9 @@ fn pool_is_bit_exact_on_glm4moe() {
 #[test]
 fn pool_is_bit_exact_with_mtp_speculative_decoding() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, config) = model_of(
-        dir.path(),
-        Preset::Tiny,
-        SynthArch::Glm4Moe,
-        None,
-        ExpertType::Q4K,
-        5,
-    );
+    let (path, config) = model_with(dir.path(), Preset::Tiny, ExpertType::Q4K, 5, |c| {
+        c.arch = SynthArch::Glm4Moe
+    });
     let n_probs = config.vocab as usize;
     let spec = ["--spec-type", "draft-mtp"];
     let stock = run(Flavor::Stock, &path, &spec, n_probs);

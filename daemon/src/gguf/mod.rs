@@ -353,9 +353,9 @@ impl ModelInfo {
 
 /// True for the expert weight tensors, which the pool serves from its slots
 /// (`blk.N.ffn_{gate,up,down,gate_up}_exps.weight`; the expert index is their last
-/// dimension). Per-expert
-/// biases and scales (`_exps.bias`, `_exps.scale`, e.g. gpt-oss's) are small, stay in
-/// memory with the other weights, and so count as non-expert bytes.
+/// dimension). Per-expert biases and scales (`_exps.bias`, `_exps.scale`, e.g.
+/// gpt-oss's) are small, stay in memory with the other weights, and so count as
+/// non-expert bytes.
 pub fn is_expert_tensor(name: &str) -> bool {
     model::is_expert_tensor(name)
 }

@@ -82,8 +82,11 @@ impl SynthArch {
 
 /// gpt-oss's attention window in its sliding-window layers (its real value).
 pub const GPT_OSS_WINDOW: u32 = 128;
-/// Std of gpt-oss's F32 biases (q/k/v, attention output, router, experts).
-const GPT_OSS_BIAS_STD: f64 = 0.1;
+/// Std of gpt-oss's and glm4moe's random F32 biases (q/k/v, attention output, router,
+/// experts, selection bias).
+const BIAS_STD: f64 = 0.1;
+/// glm4moe's dense layers before the first MoE layer (`leading_dense_block_count`).
+const GLM4MOE_DENSE_LEAD: u32 = 1;
 /// Logit std of the output projection for normal tokens.
 const OUTPUT_LOGIT_STD: f64 = 2.5;
 /// Output rows of special and byte tokens are scaled by this.
@@ -318,7 +321,7 @@ impl SynthConfig {
     pub fn is_dense(&self, l: u32) -> bool {
         match self.arch {
             SynthArch::HyV3 => l == 0 || (self.layers >= 4 && l == self.layers / 2),
-            SynthArch::Glm4Moe => l == 0,
+            SynthArch::Glm4Moe => l < GLM4MOE_DENSE_LEAD,
             SynthArch::Qwen3Moe | SynthArch::GptOss => false,
         }
     }
@@ -604,12 +607,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
             // for every token (all pairs of RoPE dimensions equally), so q . k depends
             // mostly on the tokens' distance.
             let bias = |name: &str, len: u64| {
-                t(
-                    format!("blk.{l}.{name}.bias"),
-                    vec![len],
-                    GgmlType::F32,
-                    Fill::Const(RECENCY_BIAS),
-                )
+                t(b(name), vec![len], GgmlType::F32, Fill::Const(RECENCY_BIAS))
             };
             v.push(bias("attn_q", n_q));
             v.push(bias("attn_k", n_kv));
@@ -620,12 +618,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 if name != "attn_v" && c.attn_recency > 0.0 {
                     continue;
                 }
-                v.push(t(
-                    b(name),
-                    vec![len],
-                    GgmlType::F32,
-                    normal(GPT_OSS_BIAS_STD),
-                ));
+                v.push(t(b(name), vec![len], GgmlType::F32, normal(BIAS_STD)));
             }
         }
         v.push(t(
@@ -639,7 +632,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 b("attn_output"),
                 vec![n_embd],
                 GgmlType::F32,
-                normal(GPT_OSS_BIAS_STD),
+                normal(BIAS_STD),
             ));
             // a sink logit per head, next to the scores of the attended tokens
             v.push(t(
@@ -701,7 +694,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 b("ffn_gate_inp"),
                 vec![n_exp],
                 GgmlType::F32,
-                normal(GPT_OSS_BIAS_STD),
+                normal(BIAS_STD),
             ));
         }
         if glm {
@@ -710,7 +703,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                 b("exp_probs_b"),
                 vec![n_exp],
                 GgmlType::F32,
-                normal(GPT_OSS_BIAS_STD),
+                normal(BIAS_STD),
             ));
         }
         let ex = c.expert_type.ggml(false, l);
@@ -760,7 +753,7 @@ fn plan_tensors(c: &SynthConfig) -> Vec<Planned> {
                     b(name),
                     vec![len, n_exp],
                     GgmlType::F32,
-                    normal(GPT_OSS_BIAS_STD),
+                    normal(BIAS_STD),
                 ));
             }
         }
@@ -898,7 +891,10 @@ fn metadata(c: &SynthConfig) -> Vec<(String, Value)> {
     if c.arch == SynthArch::Glm4Moe {
         md.extend([
             (a("nextn_predict_layers"), Value::U32(c.nextn_layers())),
-            (a("leading_dense_block_count"), Value::U32(1)),
+            (
+                a("leading_dense_block_count"),
+                Value::U32(GLM4MOE_DENSE_LEAD),
+            ),
             (a("expert_shared_count"), Value::U32(1)),
             // llama_expert_gating_func_type: 2 = sigmoid
             (a("expert_gating_func"), Value::U32(2)),
