@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use expertd::gguf::GgmlType;
 use expertd::synth::{self, ExpertType, Preset, SynthArch, SynthConfig, quant};
 
 const SCRIPT: &str = r#"
@@ -95,17 +94,8 @@ fn upstream_python_reader_agrees() {
             // Upstream's dequantizer and ours agree on the weight statistics.
             let s = (m.data_offset + t.offset) as usize;
             let raw = &bytes[s..s + t.size as usize];
-            let ours: Vec<f32> = match t.ggml_type {
-                GgmlType::Q4_K => quant::dequant_q4_k(raw),
-                GgmlType::Q8_0 => quant::dequant_q8_0(raw),
-                GgmlType::Q6_K => quant::dequant_q6_k(raw),
-                GgmlType::MXFP4 => quant::dequant_mxfp4(raw),
-                GgmlType::Q2_K => quant::dequant_q2_k(raw),
-                _ => raw
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            };
+            let ours = quant::dequant(t.ggml_type, raw)
+                .unwrap_or_else(|| panic!("{}: unexpected type {}", t.name, t.ggml_type));
             let n = ours.len() as f64;
             let mean = ours.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
             let std = (ours

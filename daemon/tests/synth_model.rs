@@ -209,16 +209,7 @@ fn deterministic_per_seed_and_thread_count() {
 
 /// Dequantizes a tensor's bytes with the reference dequantizers.
 fn dequant(bytes: &[u8], ty: GgmlType) -> Vec<f32> {
-    match ty {
-        GgmlType::Q4_K => quant::dequant_q4_k(bytes),
-        GgmlType::Q8_0 => quant::dequant_q8_0(bytes),
-        GgmlType::Q6_K => quant::dequant_q6_k(bytes),
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        other => panic!("unexpected type {other}"),
-    }
+    quant::dequant(ty, bytes).unwrap_or_else(|| panic!("unexpected type {ty}"))
 }
 
 fn mean_std(x: &[f32]) -> (f64, f64) {
@@ -539,7 +530,8 @@ fn gpt_oss_has_biased_mxfp4_experts_and_sinks() {
         .find(|t| t.name == "blk.1.ffn_up_exps.weight")
         .expect("up");
     let s = (m.data_offset + t.offset) as usize;
-    let (mean, std) = mean_std(&quant::dequant_mxfp4(&bytes[s..s + t.size as usize]));
+    assert_eq!(t.ggml_type, GgmlType::MXFP4);
+    let (mean, std) = mean_std(&dequant(&bytes[s..s + t.size as usize], t.ggml_type));
     let want = 1.0 / (e as f64).sqrt();
     assert!(mean.abs() < 0.02 * want, "mean {mean}");
     assert!((std / want - 1.0).abs() < 0.03, "std {std}, want {want}");

@@ -179,6 +179,24 @@ pub fn dequant_mxfp4(bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// Dequantizes a tensor's bytes of type `ty` with the reference dequantizers (for
+/// tests): F32 and every type the generator writes; None for other types.
+pub fn dequant(ty: crate::gguf::GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
+    use crate::gguf::GgmlType as T;
+    Some(match ty {
+        T::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        T::Q8_0 => dequant_q8_0(bytes),
+        T::Q4_K => dequant_q4_k(bytes),
+        T::Q6_K => dequant_q6_k(bytes),
+        T::Q2_K => dequant_q2_k(bytes),
+        T::MXFP4 => dequant_mxfp4(bytes),
+        _ => return None,
+    })
+}
+
 /// Packs eight 6-bit scales and mins the way `get_scale_min_k4` unpacks them.
 pub fn pack_q4k_scales(sc: [u8; 8], m: [u8; 8]) -> [u8; 12] {
     let mut q = [0u8; 12];
