@@ -762,6 +762,10 @@ fn mutations_never_panic() {
 // ---------- ModelInfo ----------
 
 fn moe_spec() -> Spec {
+    moe_spec_of("m")
+}
+
+fn moe_spec_of(arch: &str) -> Spec {
     // 2 layers, 4 experts; layer 1 has a fused gate_up plus down; layer 0 gate/up/down.
     let f32_ = 0;
     let q8 = 8;
@@ -790,19 +794,19 @@ fn moe_spec() -> Spec {
         n_tensors: None,
         n_kv: None,
         kvs: vec![
-            kv_str("general.architecture", "m"),
+            kv_str("general.architecture", arch),
             kv_str("general.name", "moe test"),
-            kv_u32("m.block_count", 2),
-            kv_u32("m.embedding_length", 64),
-            kv_u32("m.context_length", 1024),
+            kv_u32(&format!("{arch}.block_count"), 2),
+            kv_u32(&format!("{arch}.embedding_length"), 64),
+            kv_u32(&format!("{arch}.context_length"), 1024),
             kv(
-                "m.attention.head_count",
+                &format!("{arch}.attention.head_count"),
                 9,
                 &arr(4, 2, &[4, 0, 0, 0, 8, 0, 0, 0]),
             ),
-            kv_u32("m.attention.head_count_kv", 2),
-            kv_u32("m.expert_count", 4),
-            kv_u32("m.expert_used_count", 2),
+            kv_u32(&format!("{arch}.attention.head_count_kv"), 2),
+            kv_u32(&format!("{arch}.expert_count"), 4),
+            kv_u32(&format!("{arch}.expert_used_count"), 2),
         ],
         tensors,
         alignment: 32,
@@ -837,6 +841,60 @@ fn model_info_of_an_moe_file() {
     assert_eq!(m.expert_bytes, m.total_bytes - 680 - 4 * 4);
     // KV: per layer 2 (K,V) * 2 bytes * n_head_kv 2 * head dim (64/4 = 16, then 64/8 = 8).
     assert_eq!(m.kv_bytes_per_token_f16, 2 * 2 * 2 * 16 + 2 * 2 * 2 * 8);
+}
+
+/// Sliding-window layers as llama.cpp picks them: the architecture's default pattern
+/// (gpt-oss: every other layer from the first; cohere2moe: all but the first of every
+/// four), a pattern length or per-layer flags in the file, nothing without a window or
+/// for an architecture the daemon does not know. KV per token: layer 0 128 bytes,
+/// layer 1 64 (see `model_info_of_an_moe_file`).
+#[test]
+fn sliding_window_layers_follow_the_architectures_pattern() {
+    let info = |arch: &str, extra: Vec<Vec<u8>>| {
+        let spec = moe_spec_of(arch).with(|s| s.kvs.extend(extra));
+        let f = GgufFile::parse_bytes(&spec.bytes()).expect("parses");
+        ModelInfo::from_gguf(&f)
+    };
+    let window = |arch: &str| kv_u32(&format!("{arch}.attention.sliding_window"), 128);
+    let swa = |m: ModelInfo| (m.sliding_window, m.kv_swa_bytes_per_token_f16);
+    assert_eq!(
+        swa(info("gpt-oss", vec![window("gpt-oss")]).unwrap()),
+        (128, 128)
+    );
+    assert_eq!(swa(info("gpt-oss", vec![]).unwrap()), (0, 0), "no window");
+    assert_eq!(
+        swa(info("m", vec![window("m")]).unwrap()),
+        (0, 0),
+        "unknown"
+    );
+    assert_eq!(
+        swa(info("cohere2moe", vec![window("cohere2moe")]).unwrap()),
+        (128, 64),
+        "the first of every four attends to the whole context"
+    );
+    // a pattern length of 1: no layer slides
+    let one = kv_u32("gpt-oss.attention.sliding_window_pattern", 1);
+    assert_eq!(
+        swa(info("gpt-oss", vec![window("gpt-oss"), one]).unwrap()).1,
+        0
+    );
+    // per-layer flags (GGUF bool = type 7)
+    let flags = kv(
+        "gemma3.attention.sliding_window_pattern",
+        9,
+        &arr(7, 2, &[0, 1]),
+    );
+    assert_eq!(
+        swa(info("gemma3", vec![window("gemma3"), flags]).unwrap()),
+        (128, 64)
+    );
+    let bad = kv_str("gemma3.attention.sliding_window_pattern", "every other");
+    let e = info("gemma3", vec![window("gemma3"), bad]).expect_err("a string");
+    assert!(
+        e.to_string()
+            .contains("'gemma3.attention.sliding_window_pattern': expected a pattern length"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -152,7 +152,14 @@ pub fn run(args: GgufArgs) -> anyhow::Result<ExitCode> {
             } else {
                 println!("experts:     none (dense)");
             }
-            println!("kv/token:    {} bytes at f16", i.kv_bytes_per_token_f16);
+            if i.sliding_window > 0 && i.kv_swa_bytes_per_token_f16 > 0 {
+                println!(
+                    "kv/token:    {} bytes at f16, {} of them in sliding-window layers (window {} tokens)",
+                    i.kv_bytes_per_token_f16, i.kv_swa_bytes_per_token_f16, i.sliding_window
+                );
+            } else {
+                println!("kv/token:    {} bytes at f16", i.kv_bytes_per_token_f16);
+            }
         }
         Err(e) => println!("model:       not summarised: {e}"),
     }

@@ -156,8 +156,84 @@ impl Keys<'_> {
     }
 }
 
+/// Architectures whose sliding-window layers llama.cpp (at the pin) picks with a
+/// repeating pattern when the file has a window: (architecture, pattern length, whether
+/// the first layer of each period is the full-attention one). A pattern of n makes n - 1
+/// of every n layers sliding-window ones: the last of each n, or with the flag the
+/// first, attends to the whole context. Architectures not listed (or with a chunked
+/// or shared cache, such as llama4 and gemma3n) are planned with every layer at the full
+/// context, which over-counts but never under-counts.
+const SWA_PATTERNS: [(&str, u64, bool); 7] = [
+    ("gpt-oss", 2, false),
+    ("gemma2", 2, false),
+    ("gemma3", 6, false),
+    ("cohere2", 4, false),
+    ("cohere2moe", 4, true),
+    ("exaone-moe", 4, false),
+    ("afmoe", 4, false),
+];
+
+/// The sliding-window layers among the first `trunk`, as llama.cpp's `set_swa_pattern`
+/// and `load_swa_pattern` choose them: none without a window; a per-layer bool array or a
+/// pattern length in `<arch>.attention.sliding_window_pattern` where the file has one,
+/// else the architecture's default pattern.
+fn swa_layers(k: &Keys<'_>, trunk: u32) -> Result<(u32, Vec<bool>), GgufError> {
+    let window_key = "attention.sliding_window";
+    let window = k.uint_at_most(window_key, MAX_WINDOW)?.unwrap_or(0);
+    let Some(&(_, default_pattern, dense_first)) = SWA_PATTERNS.iter().find(|p| p.0 == k.arch)
+    else {
+        return Ok((0, Vec::new()));
+    };
+    if window == 0 {
+        return Ok((0, Vec::new()));
+    }
+    let window = k.u32_of(window_key, window)?;
+    let pattern_key = k.key("attention.sliding_window_pattern");
+    let by_period = |n: u64| -> Vec<bool> {
+        (0..u64::from(trunk))
+            .map(|il| {
+                n == 0
+                    || match il.checked_rem(n) {
+                        Some(r) if dense_first => r != 0,
+                        Some(r) => r < n.saturating_sub(1),
+                        None => true,
+                    }
+            })
+            .collect()
+    };
+    let layers = match k.file.get(&pattern_key) {
+        None => by_period(default_pattern),
+        Some(Value::Array(a)) => {
+            let flags = a
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    _ => None,
+                })
+                .collect::<Option<Vec<bool>>>()
+                .ok_or_else(|| k.bad(&pattern_key, "expected an array of booleans".into()))?;
+            // llama.cpp reads one flag per layer; missing ones are full attention
+            (0..trunk as usize)
+                .map(|il| flags.get(il).copied().unwrap_or(false))
+                .collect()
+        }
+        Some(v) => by_period(v.as_u64().ok_or_else(|| {
+            k.bad(
+                &pattern_key,
+                format!(
+                    "expected a pattern length or an array of booleans, found {}",
+                    v.type_name()
+                ),
+            )
+        })?),
+    };
+    Ok((window, layers))
+}
+
 /// More layers than any real model has (the largest have a few hundred).
 const MAX_LAYERS: u64 = 1 << 16;
+/// A longer attention window than any real model's (they are 128 to 8192 tokens).
+const MAX_WINDOW: u64 = 1 << 24;
 /// Larger than any real hidden size, head count or head size (the largest are ~2^15).
 const MAX_WIDTH: u64 = 1 << 20;
 
@@ -254,7 +330,9 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
     // value_length, else n_embd / n_head (with n_head the layer's own count).
     let key_len = k.uint_at_most("attention.key_length", MAX_WIDTH)?;
     let value_len = k.uint_at_most("attention.value_length", MAX_WIDTH)?;
+    let (sliding_window, swa) = swa_layers(&k, trunk)?;
     let mut kv_bytes: u64 = 0;
+    let mut kv_swa_bytes: u64 = 0;
     for layer in 0..u64::from(trunk) {
         let per_layer = |list: &[u64]| -> u64 {
             if list.len() == 1 {
@@ -282,6 +360,15 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         kv_bytes = kv_bytes
             .checked_add(layer_bytes)
             .ok_or_else(|| k.bad(&k.key(kv_key), "KV cache size overflows".into()))?;
+        let is_swa = usize::try_from(layer)
+            .ok()
+            .and_then(|i| swa.get(i))
+            .copied()
+            .unwrap_or(false);
+        if is_swa {
+            // (at most kv_bytes, which did not overflow)
+            kv_swa_bytes = kv_swa_bytes.saturating_add(layer_bytes);
+        }
     }
 
     let mut total_bytes: u64 = 0;
@@ -365,6 +452,8 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         nextn_layers,
         nextn_bytes,
         kv_bytes_per_token_f16: kv_bytes,
+        sliding_window,
+        kv_swa_bytes_per_token_f16: kv_swa_bytes,
     })
 }
 

@@ -55,6 +55,11 @@ pub const ENGINE_PROMPT_CACHE_DEFAULT_MIB: u64 = 8192;
 pub const DEFAULT_MAX_CTX: u32 = 32768;
 /// The smallest context the planner shrinks to.
 pub const MIN_CTX: u32 = 2048;
+/// `--ctx-checkpoints` for models with sliding-window layers: llama-server keeps up to
+/// this many checkpoints of a sequence's sliding-window cells in RAM to reuse prompts.
+/// Its own default, passed explicitly so that the budget and the engine agree.
+pub const CTX_CHECKPOINTS: u64 = 32;
+
 /// KV cache gets at most this fraction of its tier's budget (auto context).
 pub const KV_SHARE: f64 = 0.25;
 
@@ -108,6 +113,8 @@ pub struct TierUse {
     pub experts: u64,
     pub kv: u64,
     pub compute: u64,
+    /// The engine's own memory: in RAM its base (`ENGINE_BASE_RAM`) and, for models with
+    /// sliding-window layers, llama-server's context checkpoints (`CTX_CHECKPOINTS`).
     pub base: u64,
     pub budget: u64,
 }
@@ -164,6 +171,8 @@ pub struct Plan {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub parallel: u32,
+    /// `--ctx-checkpoints` (models with sliding-window layers; 0: not passed).
+    pub ctx_checkpoints: u64,
     /// `--cache-ram`: MiB of RAM llama-server may use to keep finished prompts' KV state,
     /// what the RAM budget leaves after everything else (0 turns the cache off).
     pub prompt_cache_mib: u64,
@@ -207,6 +216,10 @@ struct Model {
     /// Bytes read per token from experts (n_used of each MoE layer).
     expert_read: u64,
     kv_per_token_f16: u64,
+    /// Of `kv_per_token_f16`, the sliding-window layers' share (0: none known).
+    kv_swa_per_token_f16: u64,
+    /// Their window in tokens.
+    swa_window: u32,
     n_embd: u64,
     ctx_train: u64,
 }
@@ -234,6 +247,12 @@ impl Model {
             layer_experts,
             expert_read: one * u64::from(i.expert_used_count.min(n_exp)),
             kv_per_token_f16: i.kv_bytes_per_token_f16,
+            kv_swa_per_token_f16: if i.sliding_window > 0 {
+                i.kv_swa_bytes_per_token_f16.min(i.kv_bytes_per_token_f16)
+            } else {
+                0
+            },
+            swa_window: i.sliding_window,
             n_embd: i.n_embd,
             ctx_train: i.context_length,
         }
@@ -254,9 +273,41 @@ impl Model {
         self.n_exp > 0 && !self.layer_experts.is_empty()
     }
 
-    fn kv(&self, ctx: u32, t: KvType) -> u64 {
+    /// KV cache bytes for a context of `ctx` tokens shared by `parallel` sequences.
+    /// Every layer holds the context (llama.cpp pads it to 256), except sliding-window
+    /// layers: for each sequence llama.cpp keeps the window plus one ubatch, padded to 256.
+    fn kv(&self, ctx: u32, t: KvType, ubatch: u32, parallel: u32) -> u64 {
         let (n, d) = t.ratio_to_f16();
-        self.kv_per_token_f16 * u64::from(ctx) * n / d
+        let full = self.kv_per_token_f16 - self.kv_swa_per_token_f16;
+        let cells = u64::from(ctx).next_multiple_of(256);
+        (full * cells + self.kv_swa_per_token_f16 * self.swa_cells(ctx, ubatch, parallel)) * n / d
+    }
+
+    /// Cells of the sliding-window layers' cache, all sequences together (the
+    /// non-unified cache llama-server uses with an explicit `--parallel`: one stream of
+    /// the sequence's share of the context per sequence).
+    fn swa_cells(&self, ctx: u32, ubatch: u32, parallel: u32) -> u64 {
+        let p = u64::from(parallel.max(1));
+        let per_seq = (u64::from(ctx) / p).next_multiple_of(256);
+        let swa = (u64::from(self.swa_window) + u64::from(ubatch)).min(per_seq);
+        p * swa.next_multiple_of(256)
+    }
+
+    fn has_swa(&self) -> bool {
+        self.swa_window > 0 && self.kv_swa_per_token_f16 > 0
+    }
+
+    /// RAM for llama-server's context checkpoints (sliding-window models): up to
+    /// `CTX_CHECKPOINTS` per sequence, each a copy of the cells the sequence's
+    /// sliding-window layers still need, the last window + 1 (measured: 130 cells of a
+    /// 128-token window), budgeted as that padded to 256.
+    fn checkpoints(&self, t: KvType, parallel: u32) -> u64 {
+        if !self.has_swa() {
+            return 0;
+        }
+        let (n, d) = t.ratio_to_f16();
+        let cells = (u64::from(self.swa_window) + 1).next_multiple_of(256);
+        CTX_CHECKPOINTS * u64::from(parallel.max(1)) * cells * self.kv_swa_per_token_f16 * n / d
     }
 
     fn compute(&self, ubatch: u32) -> u64 {
@@ -547,7 +598,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
     let mut chosen = None;
     for (i, (ctx, t)) in candidates.iter().enumerate() {
         let p = place(&m, &b, config, *ctx, *t, ubatch, parallel, use_gpu);
-        if p.fits && m.kv(*ctx, *t) <= kv_cap {
+        if p.fits && m.kv(*ctx, *t, ubatch, parallel) <= kv_cap {
             chosen = Some((i, p));
             break;
         }
@@ -568,7 +619,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         (i, place(&m, &b, config, ctx, t, ubatch, parallel, use_gpu))
     });
     let (ctx_size, kv_type) = candidates[idx];
-    let kv_bytes = m.kv(ctx_size, kv_type);
+    let kv_bytes = m.kv(ctx_size, kv_type, ubatch, parallel);
     reasons.push(Reason {
         topic: "ctx",
         choice: ctx_size.to_string(),
@@ -620,6 +671,20 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
             }
         ),
     });
+    if m.has_swa() {
+        let swa_kv = m.kv_swa_per_token_f16 * m.swa_cells(ctx_size, ubatch, parallel);
+        let (n, d) = kv_type.ratio_to_f16();
+        reasons.push(Reason {
+            topic: "sliding_window",
+            choice: format!("{} tokens", m.swa_window),
+            why: format!(
+                "the model's sliding-window layers keep the window plus a ubatch per sequence ({} cells, {}), not the whole context; llama-server keeps up to {CTX_CHECKPOINTS} context checkpoints per sequence in RAM, each the last window of those layers ({}, budgeted with the engine's base)",
+                m.swa_cells(ctx_size, ubatch, parallel),
+                human_bytes(swa_kv * n / d),
+                human_bytes(m.checkpoints(kv_type, parallel))
+            ),
+        });
+    }
     if parallel > 1 {
         reasons.push(Reason {
             topic: "parallel",
@@ -750,6 +815,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         batch_size: 2048,
         ubatch_size: ubatch,
         parallel,
+        ctx_checkpoints: if m.has_swa() { CTX_CHECKPOINTS } else { 0 },
         prompt_cache_mib,
         memory,
         roofline: Roofline {
@@ -805,7 +871,7 @@ fn place(
     parallel: u32,
     use_gpu: bool,
 ) -> Placement {
-    let kv = m.kv(ctx, kv_type);
+    let kv = m.kv(ctx, kv_type, ubatch, parallel);
     let compute = m.compute(ubatch);
     let all_layers = m.layers.saturating_add(1);
     let min_slots = (m.n_used * parallel).clamp(1, m.n_exp.max(1));
@@ -822,7 +888,7 @@ fn place(
     };
     let mut vram = tier(Tier::Vram, b.vram);
     let mut ram = tier(Tier::Ram, b.ram);
-    ram.base = ENGINE_BASE_RAM;
+    ram.base = ENGINE_BASE_RAM + m.checkpoints(kv_type, parallel);
     let model_bytes = m.non_expert + m.expert_total;
 
     if !use_gpu {
@@ -1289,6 +1355,9 @@ pub fn engine_args(p: &Plan, c: &Config) -> Vec<String> {
     push("--batch-size", p.batch_size.to_string());
     push("--ubatch-size", p.ubatch_size.to_string());
     push("--parallel", p.parallel.to_string());
+    if p.ctx_checkpoints > 0 {
+        push("--ctx-checkpoints", p.ctx_checkpoints.to_string());
+    }
     push("--cache-ram", p.prompt_cache_mib.to_string());
     if let Some(pool) = &p.pool {
         push("--expert-pool-slots", pool.slots.to_string());
