@@ -856,7 +856,17 @@ fn sliding_window_layers_follow_the_architectures_pattern() {
         ModelInfo::from_gguf(&f)
     };
     let window = |arch: &str| kv_u32(&format!("{arch}.attention.sliding_window"), 128);
-    let swa = |m: ModelInfo| (m.sliding_window, m.kv_swa_bytes_per_token_f16);
+    // (and the number of sliding-window layers, checked against the bytes: layer 0
+    // holds 128 bytes per token, layer 1 64)
+    let swa = |m: ModelInfo| {
+        let bytes = [0, 128, 192][m.swa_layers as usize];
+        assert!(
+            m.kv_swa_bytes_per_token_f16 <= bytes,
+            "{} layers",
+            m.swa_layers
+        );
+        (m.sliding_window, m.kv_swa_bytes_per_token_f16)
+    };
     assert_eq!(
         swa(info("gpt-oss", vec![window("gpt-oss")]).unwrap()),
         (128, 128)
@@ -872,6 +882,14 @@ fn sliding_window_layers_follow_the_architectures_pattern() {
         (128, 64),
         "the first of every four attends to the whole context"
     );
+    // gemma3's default: five of every six (both of these two layers)
+    assert_eq!(
+        swa(info("gemma3", vec![window("gemma3")]).unwrap()),
+        (128, 192)
+    );
+    // an architecture without sliding windows ignores the key, whatever it holds
+    let odd = kv_str("m.attention.sliding_window", "wide");
+    assert_eq!(swa(info("m", vec![odd]).unwrap()), (0, 0));
     // a pattern length of 1: no layer slides
     let one = kv_u32("gpt-oss.attention.sliding_window_pattern", 1);
     assert_eq!(
@@ -887,6 +905,16 @@ fn sliding_window_layers_follow_the_architectures_pattern() {
     assert_eq!(
         swa(info("gemma3", vec![window("gemma3"), flags]).unwrap()),
         (128, 64)
+    );
+    // ... or integers (u32 = type 4; non-zero slides)
+    let ints = kv(
+        "gemma3.attention.sliding_window_pattern",
+        9,
+        &arr(4, 2, &[1, 0, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(
+        swa(info("gemma3", vec![window("gemma3"), ints]).unwrap()),
+        (128, 128)
     );
     let bad = kv_str("gemma3.attention.sliding_window_pattern", "every other");
     let e = info("gemma3", vec![window("gemma3"), bad]).expect_err("a string");

@@ -513,3 +513,50 @@ fn an_mtp_block_leaves_the_plan_alone_but_for_the_offload_count() {
     }
     assert!(partial, "no case offloads part of the layers");
 }
+
+/// A partial offload of a sliding-window model: `-ngl` offloads the last layers, and
+/// those may be the full-attention ones (gpt-oss: every other layer, the last included),
+/// so a tier holding a layer is budgeted at least a full-attention layer's KV, and the
+/// tiers together at least the whole KV.
+#[test]
+fn a_partial_offload_of_a_sliding_window_model_counts_full_layers_first() {
+    let (snap, mut config) = load("gpu24_gpt_oss_120b");
+    config.memory.vram = expertd::config::Budget::Bytes(2 << 30);
+    config.plan.ctx_size = Some(32768);
+    config.plan.kv_type = Some(expertd::config::KvType::F16);
+    let p = plan(&snap, &config);
+    let i = &snap.model.info;
+    let layers = i.block_count;
+    assert!(
+        p.gpu_layers > 0 && p.gpu_layers < layers,
+        "a partial offload: -ngl {}",
+        p.gpu_layers
+    );
+    // one sequence: every full layer holds the context, every sliding one 768 cells
+    let full_layer = (i.kv_bytes_per_token_f16 - i.kv_swa_bytes_per_token_f16) / 18 * 32768;
+    let all = (i.kv_bytes_per_token_f16 - i.kv_swa_bytes_per_token_f16) * 32768
+        + i.kv_swa_bytes_per_token_f16 * 768;
+    let kv = |t: &str| {
+        p.memory
+            .iter()
+            .find(|m| m.tier.as_str() == t)
+            .map(|m| m.kv)
+            .unwrap()
+    };
+    // -ngl g offloads the output and the last g - 1 layers (any of them may be full)
+    let on_gpu = u64::from(p.gpu_layers - 1);
+    let on_cpu = u64::from(layers) - on_gpu;
+    assert!(on_gpu >= 2, "-ngl {}: too few to tell", p.gpu_layers);
+    assert!(
+        kv("vram") >= on_gpu.min(18) * full_layer,
+        "vram KV {} for {on_gpu} layers",
+        kv("vram")
+    );
+    assert!(
+        kv("ram") >= on_cpu.min(18) * full_layer,
+        "ram KV {} for {on_cpu} layers",
+        kv("ram")
+    );
+    assert!(kv("vram") + kv("ram") >= all);
+    assert_properties("gpu24 with 2 GiB of VRAM", &snap, &config, &p);
+}

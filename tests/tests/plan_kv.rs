@@ -110,8 +110,9 @@ fn check(dir: &Path, model: &Path, ctx: u32, parallel: u32, caches: usize) {
 }
 
 /// gpt-oss: half the layers at the context, half at window 128 + ubatch per sequence; one
-/// sequence and two (each then has its own window). A model without sliding-window
-/// layers: every layer at the context.
+/// sequence, two (each then has its own window), and three sharing a context that does
+/// not split into multiples of 256. A model without sliding-window layers: every layer at
+/// the context.
 #[test]
 fn the_plans_kv_cache_is_the_engines_with_and_without_sliding_windows() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,6 +134,8 @@ fn the_plans_kv_cache_is_the_engines_with_and_without_sliding_windows() {
     for parallel in [1, 2] {
         check(dir.path(), &swa, 8192, parallel, 2);
     }
+    // a context that splits unevenly: llama.cpp pads it, then each sequence's share
+    check(dir.path(), &swa, 5000, 3, 2);
 
     let plain = dir.path().join("tiny.gguf");
     write_model(&SynthConfig::preset(Preset::Tiny), &plain, 2).unwrap();

@@ -333,6 +333,9 @@ pub struct ModelInfo {
     /// about window + ubatch cells for them (per sequence), not the whole context.
     #[serde(default)]
     pub kv_swa_bytes_per_token_f16: u64,
+    /// How many of the layers the model computes are sliding-window layers.
+    #[serde(default)]
+    pub swa_layers: u32,
 }
 
 impl ModelInfo {

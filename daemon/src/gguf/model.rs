@@ -161,8 +161,9 @@ impl Keys<'_> {
 /// the first layer of each period is the full-attention one). A pattern of n makes n - 1
 /// of every n layers sliding-window ones: the last of each n, or with the flag the
 /// first, attends to the whole context. Architectures not listed (or with a chunked
-/// or shared cache, such as llama4 and gemma3n) are planned with every layer at the full
-/// context, which over-counts but never under-counts.
+/// or shared cache, such as llama4 and gemma3n) are planned with every layer's KV at the
+/// full context, which over-counts the KV but never under-counts it (their context
+/// checkpoints, which llama-server keeps in RAM too, are not budgeted).
 const SWA_PATTERNS: [(&str, u64, bool); 7] = [
     ("gpt-oss", 2, false),
     ("gemma2", 2, false),
@@ -178,12 +179,12 @@ const SWA_PATTERNS: [(&str, u64, bool); 7] = [
 /// pattern length in `<arch>.attention.sliding_window_pattern` where the file has one,
 /// else the architecture's default pattern.
 fn swa_layers(k: &Keys<'_>, trunk: u32) -> Result<(u32, Vec<bool>), GgufError> {
-    let window_key = "attention.sliding_window";
-    let window = k.uint_at_most(window_key, MAX_WINDOW)?.unwrap_or(0);
     let Some(&(_, default_pattern, dense_first)) = SWA_PATTERNS.iter().find(|p| p.0 == k.arch)
     else {
         return Ok((0, Vec::new()));
     };
+    let window_key = "attention.sliding_window";
+    let window = k.uint_at_most(window_key, MAX_WINDOW)?.unwrap_or(0);
     if window == 0 {
         return Ok((0, Vec::new()));
     }
@@ -204,14 +205,20 @@ fn swa_layers(k: &Keys<'_>, trunk: u32) -> Result<(u32, Vec<bool>), GgufError> {
     let layers = match k.file.get(&pattern_key) {
         None => by_period(default_pattern),
         Some(Value::Array(a)) => {
+            // (llama.cpp reads any integer or bool array: non-zero slides)
             let flags = a
                 .iter()
                 .map(|v| match v {
                     Value::Bool(b) => Some(*b),
-                    _ => None,
+                    v => v.as_u64().map(|x| x != 0),
                 })
                 .collect::<Option<Vec<bool>>>()
-                .ok_or_else(|| k.bad(&pattern_key, "expected an array of booleans".into()))?;
+                .ok_or_else(|| {
+                    k.bad(
+                        &pattern_key,
+                        "expected an array of booleans or non-negative integers".into(),
+                    )
+                })?;
             // llama.cpp reads one flag per layer; missing ones are full attention
             (0..trunk as usize)
                 .map(|il| flags.get(il).copied().unwrap_or(false))
@@ -333,6 +340,7 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
     let (sliding_window, swa) = swa_layers(&k, trunk)?;
     let mut kv_bytes: u64 = 0;
     let mut kv_swa_bytes: u64 = 0;
+    let mut swa_count: u32 = 0;
     for layer in 0..u64::from(trunk) {
         let per_layer = |list: &[u64]| -> u64 {
             if list.len() == 1 {
@@ -368,6 +376,7 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         if is_swa {
             // (at most kv_bytes, which did not overflow)
             kv_swa_bytes = kv_swa_bytes.saturating_add(layer_bytes);
+            swa_count = swa_count.saturating_add(1);
         }
     }
 
@@ -454,6 +463,7 @@ pub(super) fn from_gguf(file: &GgufFile, parts: &[&GgufFile]) -> Result<ModelInf
         kv_bytes_per_token_f16: kv_bytes,
         sliding_window,
         kv_swa_bytes_per_token_f16: kv_swa_bytes,
+        swa_layers: swa_count,
     })
 }
 

@@ -171,7 +171,10 @@ pub struct Plan {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub parallel: u32,
-    /// `--ctx-checkpoints` (models with sliding-window layers; 0: not passed).
+    /// `--ctx-checkpoints`, passed and budgeted for models with sliding-window layers
+    /// the planner knows (0: not passed; llama-server's default then applies to the
+    /// checkpoints of recurrent models and of sliding windows of unlisted architectures,
+    /// which the plan does not budget).
     pub ctx_checkpoints: u64,
     /// `--cache-ram`: MiB of RAM llama-server may use to keep finished prompts' KV state,
     /// what the RAM budget leaves after everything else (0 turns the cache off).
@@ -220,6 +223,8 @@ struct Model {
     kv_swa_per_token_f16: u64,
     /// Their window in tokens.
     swa_window: u32,
+    /// How many of the `layers` slide.
+    swa_layers: u32,
     n_embd: u64,
     ctx_train: u64,
 }
@@ -253,6 +258,11 @@ impl Model {
                 0
             },
             swa_window: i.sliding_window,
+            swa_layers: if i.sliding_window > 0 {
+                i.swa_layers
+            } else {
+                0
+            },
             n_embd: i.n_embd,
             ctx_train: i.context_length,
         }
@@ -273,24 +283,60 @@ impl Model {
         self.n_exp > 0 && !self.layer_experts.is_empty()
     }
 
-    /// KV cache bytes for a context of `ctx` tokens shared by `parallel` sequences.
-    /// Every layer holds the context (llama.cpp pads it to 256), except sliding-window
-    /// layers: for each sequence llama.cpp keeps the window plus one ubatch, padded to 256.
+    /// KV cache bytes for a context of `ctx` tokens shared by `parallel` sequences:
+    /// every layer holds the context, except sliding-window layers, which hold the window
+    /// plus one ubatch per sequence (`cells`).
     fn kv(&self, ctx: u32, t: KvType, ubatch: u32, parallel: u32) -> u64 {
         let (n, d) = t.ratio_to_f16();
+        let (full_cells, swa_cells) = self.cells(ctx, ubatch, parallel);
         let full = self.kv_per_token_f16 - self.kv_swa_per_token_f16;
-        let cells = u64::from(ctx).next_multiple_of(256);
-        (full * cells + self.kv_swa_per_token_f16 * self.swa_cells(ctx, ubatch, parallel)) * n / d
+        full.saturating_mul(full_cells)
+            .saturating_add(self.kv_swa_per_token_f16.saturating_mul(swa_cells))
+            .saturating_mul(n)
+            / d
     }
 
-    /// Cells of the sliding-window layers' cache, all sequences together (the
-    /// non-unified cache llama-server uses with an explicit `--parallel`: one stream of
-    /// the sequence's share of the context per sequence).
-    fn swa_cells(&self, ctx: u32, ubatch: u32, parallel: u32) -> u64 {
+    /// KV cells of a full-attention layer and of a sliding-window layer, all sequences
+    /// together, as llama.cpp allocates them for llama-server with an explicit
+    /// `--parallel` (a non-unified cache: one stream per sequence): the context padded to
+    /// 256, each sequence's share of it padded to 256; a sliding-window layer's stream
+    /// holds the window plus a ubatch, at most the share, padded to 256.
+    fn cells(&self, ctx: u32, ubatch: u32, parallel: u32) -> (u64, u64) {
         let p = u64::from(parallel.max(1));
-        let per_seq = (u64::from(ctx) / p).next_multiple_of(256);
-        let swa = (u64::from(self.swa_window) + u64::from(ubatch)).min(per_seq);
-        p * swa.next_multiple_of(256)
+        let n_ctx = u64::from(ctx).next_multiple_of(256);
+        let per_seq = if p == 1 {
+            n_ctx
+        } else {
+            (n_ctx / p).next_multiple_of(256)
+        };
+        let swa = (u64::from(self.swa_window) + u64::from(ubatch))
+            .min(per_seq)
+            .next_multiple_of(256);
+        (p * per_seq, p * swa)
+    }
+
+    /// At most the KV bytes of any `count` of the layers (where `-ngl` offloads some):
+    /// full-attention layers first, each its share of their KV, then sliding-window ones.
+    fn kv_of_layers(&self, count: u32, ctx: u32, t: KvType, ubatch: u32, parallel: u32) -> u64 {
+        let (n, d) = t.ratio_to_f16();
+        let (full_cells, swa_cells) = self.cells(ctx, ubatch, parallel);
+        let n_swa = self.swa_layers.min(self.layers);
+        let n_full = self.layers - n_swa;
+        let full_each = (self.kv_per_token_f16 - self.kv_swa_per_token_f16)
+            .saturating_mul(full_cells)
+            .div_ceil(u64::from(n_full.max(1)));
+        let swa_each = self
+            .kv_swa_per_token_f16
+            .saturating_mul(swa_cells)
+            .div_ceil(u64::from(n_swa.max(1)));
+        let f = count.min(n_full);
+        let sw = (count - f).min(n_swa);
+        let bytes = full_each
+            .saturating_mul(u64::from(f))
+            .saturating_add(swa_each.saturating_mul(u64::from(sw)))
+            .saturating_mul(n)
+            / d;
+        bytes.min(self.kv(ctx, t, ubatch, parallel))
     }
 
     fn has_swa(&self) -> bool {
@@ -299,15 +345,20 @@ impl Model {
 
     /// RAM for llama-server's context checkpoints (sliding-window models): up to
     /// `CTX_CHECKPOINTS` per sequence, each a copy of the cells the sequence's
-    /// sliding-window layers still need, the last window + 1 (measured: 130 cells of a
-    /// 128-token window), budgeted as that padded to 256.
+    /// sliding-window layers still see, at most the window (measured: 128 cells and their
+    /// positions for a 128-token window).
     fn checkpoints(&self, t: KvType, parallel: u32) -> u64 {
         if !self.has_swa() {
             return 0;
         }
         let (n, d) = t.ratio_to_f16();
+        // a checkpoint holds at most the window's cells (and a few bytes per cell of
+        // positions): budgeted as the window padded to 256
         let cells = (u64::from(self.swa_window) + 1).next_multiple_of(256);
-        CTX_CHECKPOINTS * u64::from(parallel.max(1)) * cells * self.kv_swa_per_token_f16 * n / d
+        (CTX_CHECKPOINTS * u64::from(parallel.max(1)) * cells)
+            .saturating_mul(self.kv_swa_per_token_f16)
+            .saturating_mul(n)
+            / d
     }
 
     fn compute(&self, ubatch: u32) -> u64 {
@@ -672,15 +723,16 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         ),
     });
     if m.has_swa() {
-        let swa_kv = m.kv_swa_per_token_f16 * m.swa_cells(ctx_size, ubatch, parallel);
+        let (_, swa_cells) = m.cells(ctx_size, ubatch, parallel);
+        let swa_kv = m.kv_swa_per_token_f16.saturating_mul(swa_cells);
         let (n, d) = kv_type.ratio_to_f16();
         reasons.push(Reason {
             topic: "sliding_window",
             choice: format!("{} tokens", m.swa_window),
             why: format!(
                 "the model's sliding-window layers keep the window plus a ubatch per sequence ({} cells, {}), not the whole context; llama-server keeps up to {CTX_CHECKPOINTS} context checkpoints per sequence in RAM, each the last window of those layers ({}, budgeted with the engine's base)",
-                m.swa_cells(ctx_size, ubatch, parallel),
-                human_bytes(swa_kv * n / d),
+                swa_cells,
+                human_bytes(swa_kv.saturating_mul(n) / d),
                 human_bytes(m.checkpoints(kv_type, parallel))
             ),
         });
@@ -1142,16 +1194,18 @@ fn place(
     // The non-expert weights do not fit VRAM: offload what fits, layer by layer; every
     // expert on the CPU.
     let per_layer = (m.non_expert / u64::from(all_layers)).max(1);
-    let kv_per_layer = kv / u64::from(m.layers.max(1));
+    // (a layer's KV counted as a full-attention layer's: the offloaded last layers may
+    // be those, not the sliding-window ones)
+    let kv_per_layer = m.kv_of_layers(1, ctx, kv_type, ubatch, parallel);
     let room = b.vram.saturating_sub(gpu_compute);
     let g = ((room / (per_layer + kv_per_layer)).min(u64::from(m.layers))) as u32;
     // At most what there is (per_layer is at least 1 byte, more than a tiny model has).
     vram.weights = (per_layer * u64::from(g)).min(m.non_expert);
-    vram.kv = (kv_per_layer * u64::from(g)).min(kv);
+    vram.kv = m.kv_of_layers(g, ctx, kv_type, ubatch, parallel);
     // the GPUs that get layers (at most one per offloaded layer) hold a compute buffer each
     vram.compute = compute.saturating_mul(gpus.min(u64::from(g)));
     ram.weights = m.non_expert - vram.weights;
-    ram.kv = kv - vram.kv;
+    ram.kv = m.kv_of_layers(m.layers - g, ctx, kv_type, ubatch, parallel);
     ram.compute = compute;
     let moe_layers = m.layer_experts.keys().next_back().map_or(0, |l| l + 1);
     let fixed = ram.total();
