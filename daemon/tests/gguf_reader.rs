@@ -874,8 +874,8 @@ fn sliding_window_layers_follow_the_architectures_pattern() {
     assert_eq!(swa(info("gpt-oss", vec![]).unwrap()), (0, 0), "no window");
     assert_eq!(
         swa(info("m", vec![window("m")]).unwrap()),
-        (0, 0),
-        "unknown"
+        (128, 0),
+        "unknown layout: the window alone"
     );
     assert_eq!(
         swa(info("cohere2moe", vec![window("cohere2moe")]).unwrap()),

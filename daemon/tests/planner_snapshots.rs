@@ -560,3 +560,36 @@ fn a_partial_offload_of_a_sliding_window_model_counts_full_layers_first() {
     assert!(kv("vram") + kv("ram") >= all);
     assert_properties("gpu24 with 2 GiB of VRAM", &snap, &config, &p);
 }
+
+/// A window in an architecture whose sliding layers the planner does not know: the KV
+/// stays counted at the whole context in every layer, and llama-server's context
+/// checkpoints (which it keeps for any model with a window) are passed and budgeted as
+/// if every layer slid.
+#[test]
+fn an_unknown_sliding_window_layout_keeps_the_full_kv_and_budgets_checkpoints() {
+    let (snap, config) = load("cpu_fits");
+    let p = plan(&snap, &config);
+    let mut windowed = snap.clone();
+    windowed.model.info.sliding_window = 4096;
+    let q = plan(&windowed, &config);
+    let ram = |p: &Plan| {
+        p.memory
+            .iter()
+            .find(|t| t.tier.as_str() == "ram")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(ram(&q).kv, ram(&p).kv, "the same KV");
+    let (n, d) = config.plan.kv_type.unwrap_or(p.kv_type).ratio_to_f16();
+    let checkpoints = 32 * 4352 * snap.model.info.kv_bytes_per_token_f16 * n / d;
+    assert_eq!(ram(&q).base, ram(&p).base + checkpoints);
+    let at = q
+        .args
+        .iter()
+        .position(|a| a == "--ctx-checkpoints")
+        .expect("passed");
+    assert_eq!(q.args[at + 1], "32");
+    assert!(!p.args.iter().any(|a| a == "--ctx-checkpoints"));
+    assert!(q.reasons.iter().any(|r| r.topic == "sliding_window"));
+    assert_properties("cpu_fits with a window", &windowed, &config, &q);
+}

@@ -324,9 +324,9 @@ pub struct ModelInfo {
     pub nextn_bytes: u64,
     /// KV cache bytes per token at f16 (all layers, K and V).
     pub kv_bytes_per_token_f16: u64,
-    /// `<arch>.attention.sliding_window` of a model with sliding-window layers that
-    /// llama.cpp sizes to the window (0: none, or an architecture whose layout the
-    /// daemon does not know; every layer then counts at the full context).
+    /// `<arch>.attention.sliding_window` (0: none). Where the daemon does not know the
+    /// architecture's layout, `kv_swa_bytes_per_token_f16` is 0 and every layer counts
+    /// at the full context.
     #[serde(default)]
     pub sliding_window: u32,
     /// The sliding-window layers' share of `kv_bytes_per_token_f16`: llama.cpp keeps

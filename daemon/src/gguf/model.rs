@@ -162,8 +162,8 @@ impl Keys<'_> {
 /// of every n layers sliding-window ones: the last of each n, or with the flag the
 /// first, attends to the whole context. Architectures not listed (or with a chunked
 /// or shared cache, such as llama4 and gemma3n) are planned with every layer's KV at the
-/// full context, which over-counts the KV but never under-counts it (their context
-/// checkpoints, which llama-server keeps in RAM too, are not budgeted).
+/// full context, which over-counts the KV but never under-counts it, and their context
+/// checkpoints as if every layer slid.
 const SWA_PATTERNS: [(&str, u64, bool); 7] = [
     ("gpt-oss", 2, false),
     ("gemma2", 2, false),
@@ -179,11 +179,20 @@ const SWA_PATTERNS: [(&str, u64, bool); 7] = [
 /// pattern length in `<arch>.attention.sliding_window_pattern` where the file has one,
 /// else the architecture's default pattern.
 fn swa_layers(k: &Keys<'_>, trunk: u32) -> Result<(u32, Vec<bool>), GgufError> {
+    let window_key = "attention.sliding_window";
     let Some(&(_, default_pattern, dense_first)) = SWA_PATTERNS.iter().find(|p| p.0 == k.arch)
     else {
-        return Ok((0, Vec::new()));
+        // Not a layout the daemon knows: the window alone (for the planner's bound on
+        // llama-server's context checkpoints), read leniently (llama.cpp may ignore it).
+        let window = k
+            .file
+            .get(&k.key(window_key))
+            .and_then(Value::as_u64)
+            .filter(|&w| w <= MAX_WINDOW)
+            .and_then(|w| u32::try_from(w).ok())
+            .unwrap_or(0);
+        return Ok((window, Vec::new()));
     };
-    let window_key = "attention.sliding_window";
     let window = k.uint_at_most(window_key, MAX_WINDOW)?.unwrap_or(0);
     if window == 0 {
         return Ok((0, Vec::new()));

@@ -171,9 +171,8 @@ pub struct Plan {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub parallel: u32,
-    /// `--ctx-checkpoints`, passed and budgeted for models with sliding-window layers
-    /// the planner knows (0: not passed; llama-server's default then applies to the
-    /// checkpoints of recurrent models and of sliding windows of unlisted architectures,
+    /// `--ctx-checkpoints`, passed and budgeted for models with a sliding window (0: not
+    /// passed; llama-server's default then applies to recurrent models' checkpoints,
     /// which the plan does not budget).
     pub ctx_checkpoints: u64,
     /// `--cache-ram`: MiB of RAM llama-server may use to keep finished prompts' KV state,
@@ -346,17 +345,23 @@ impl Model {
     /// RAM for llama-server's context checkpoints (sliding-window models): up to
     /// `CTX_CHECKPOINTS` per sequence, each a copy of the cells the sequence's
     /// sliding-window layers still see, at most the window (measured: 128 cells and their
-    /// positions for a 128-token window).
+    /// positions for a 128-token window). Where the layers are not known (a window in
+    /// an architecture the daemon does not list), as if every layer slid.
     fn checkpoints(&self, t: KvType, parallel: u32) -> u64 {
-        if !self.has_swa() {
+        if self.swa_window == 0 {
             return 0;
         }
+        let per_token = if self.has_swa() {
+            self.kv_swa_per_token_f16
+        } else {
+            self.kv_per_token_f16
+        };
         let (n, d) = t.ratio_to_f16();
         // a checkpoint holds at most the window's cells (and a few bytes per cell of
         // positions): budgeted as the window padded to 256
         let cells = (u64::from(self.swa_window) + 1).next_multiple_of(256);
         (CTX_CHECKPOINTS * u64::from(parallel.max(1)) * cells)
-            .saturating_mul(self.kv_swa_per_token_f16)
+            .saturating_mul(per_token)
             .saturating_mul(n)
             / d
     }
@@ -736,6 +741,15 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
                 human_bytes(m.checkpoints(kv_type, parallel))
             ),
         });
+    } else if m.swa_window > 0 {
+        reasons.push(Reason {
+            topic: "sliding_window",
+            choice: format!("{} tokens", m.swa_window),
+            why: format!(
+                "the planner does not know which of this architecture's layers slide: every layer's KV is counted at the whole context, and llama-server's up to {CTX_CHECKPOINTS} context checkpoints per sequence as if every layer slid ({}, budgeted with the engine's base)",
+                human_bytes(m.checkpoints(kv_type, parallel))
+            ),
+        });
     }
     if parallel > 1 {
         reasons.push(Reason {
@@ -867,7 +881,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config) -> Plan {
         batch_size: 2048,
         ubatch_size: ubatch,
         parallel,
-        ctx_checkpoints: if m.has_swa() { CTX_CHECKPOINTS } else { 0 },
+        ctx_checkpoints: if m.swa_window > 0 { CTX_CHECKPOINTS } else { 0 },
         prompt_cache_mib,
         memory,
         roofline: Roofline {
