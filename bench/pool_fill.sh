@@ -8,6 +8,8 @@
 # buffers (--mem=shmhuge). On a virtualised disk the second is faster: a read costs more
 # the more physically separate pieces its buffer has, and the pool reads into huge pages
 # (ffi/src/arena.rs), so the pool is compared with the faster of the two.
+# The pool runs twice: experts 32 bytes apart (each read copied into its slot) and laid
+# out as in GGUF files (whole pages back to back: read straight into pool-owned slots).
 # Needs root (drop_caches, vm.nr_hugepages for fio's buffers), fio and python3.
 #
 # Usage: bench/pool_fill.sh [FILE_GIB] [SECONDS] [ROUNDS]   (defaults 12, 5, 3)
@@ -40,12 +42,13 @@ fio_mibs() { # BS DEPTH [extra fio args]
     --direct=1 --iodepth="$2" --runtime="$SECS" --time_based --output-format=json \
     --randrepeat=0 "${@:3}" 2>/dev/null | python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["jobs"][0]["read"]["bw"]/1024))'
 }
-printf "%-8s %-5s %-20s %-20s %-20s %7s %7s %9s %7s %9s\n" "expert" "depth" "pool MiB/s (runs)" \
-  "fio MiB/s (runs)" "fio huge (runs)" "pool" "fio" "fio huge" "ratio" "vs huge"
+printf "%-8s %-5s %-20s %-20s %-20s %-20s %7s %7s %7s %9s %7s %9s %9s\n" "expert" "depth" \
+  "pool MiB/s (runs)" "pool gguf (runs)" "fio MiB/s (runs)" "fio huge (runs)" "pool" "gguf" "fio" \
+  "fio huge" "ratio" "vs huge" "gguf/huge"
 for KIB in 512 864 1536 3072; do
   BYTES=$((KIB * 1024))
   for DEPTH in 1 8; do
-    P=(); F=(); H=()
+    P=(); G=(); F=(); H=()
     for _ in $(seq "$ROUNDS"); do
       drop_caches
       F+=("$(fio_mibs "${KIB}k" "$DEPTH")")
@@ -55,10 +58,14 @@ for KIB in 512 864 1536 3072; do
       LINE=$("$BIN" "$FILE" "$BYTES" "$DEPTH" "$SECS" auto)
       grep -q "direct=true" <<<"$LINE" || echo "# note: O_DIRECT not used: $LINE"
       P+=("$(sed -n 's/.*MiB\/s=\([0-9.]*\).*/\1/p' <<<"$LINE" | cut -d. -f1)")
+      drop_caches
+      LINE=$("$BIN" "$FILE" "$BYTES" "$DEPTH" "$SECS" auto sync gguf)
+      G+=("$(sed -n 's/.*MiB\/s=\([0-9.]*\).*/\1/p' <<<"$LINE" | cut -d. -f1)")
     done
-    PM=$(median "${P[@]}"); FM=$(median "${F[@]}"); HM=$(median "${H[@]}")
-    printf "%-8s %-5s %-20s %-20s %-20s %7s %7s %9s %7.3f %9.3f\n" "${KIB}KiB" "$DEPTH" \
-      "$(IFS=,; echo "${P[*]}")" "$(IFS=,; echo "${F[*]}")" "$(IFS=,; echo "${H[*]}")" \
-      "$PM" "$FM" "$HM" "$(python3 -c "print($PM/$FM)")" "$(python3 -c "print($PM/$HM)")"
+    PM=$(median "${P[@]}"); GM=$(median "${G[@]}"); FM=$(median "${F[@]}"); HM=$(median "${H[@]}")
+    printf "%-8s %-5s %-20s %-20s %-20s %-20s %7s %7s %7s %9s %7.3f %9.3f %9.3f\n" "${KIB}KiB" "$DEPTH" \
+      "$(IFS=,; echo "${P[*]}")" "$(IFS=,; echo "${G[*]}")" "$(IFS=,; echo "${F[*]}")" \
+      "$(IFS=,; echo "${H[*]}")" "$PM" "$GM" "$FM" "$HM" "$(python3 -c "print($PM/$FM)")" \
+      "$(python3 -c "print($PM/$HM)")" "$(python3 -c "print($GM/$HM)")"
   done
 done

@@ -3,12 +3,14 @@
 //! 32-byte aligned (not page aligned) offsets, copied into pool-owned slot memory.
 //!
 //! Run (the bench/pool_fill.sh script does this, with fio as the baseline):
-//! `cargo bench -p expert-pool --bench pool_fill -- FILE EXPERT_BYTES DEPTH SECONDS [MODE] [PIPE]`
+//! `cargo bench -p expert-pool --bench pool_fill -- FILE EXPERT_BYTES DEPTH SECONDS [MODE] [PIPE] [LAYOUT]`
 //! MODE: auto (io_uring + O_DIRECT, default), uring-buffered, pread.
 //! PIPE: `sync` (default): each request waits for its own batch of `depth` misses;
 //! `pipe`: two layers alternate as an engine with prefetch would run them: while a
 //! request of one layer waits, the next batch is already prefetched for the other, so
 //! about `2 * depth` reads stay in flight.
+//! LAYOUT: `spaced` (default; experts 32 bytes apart, copied into the slots) or `gguf`
+//! (experts back to back in whole pages, as in GGUF files: read straight into the slots).
 //! Prints one line: `pool_fill bytes=.. depth=.. mode=.. direct=.. MiB/s=.. reads=..`.
 
 use std::time::{Duration, Instant};
@@ -23,7 +25,9 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     if args.len() < 4 {
-        eprintln!("usage: pool_fill FILE EXPERT_BYTES DEPTH SECONDS [auto|uring-buffered|pread]");
+        eprintln!(
+            "usage: pool_fill FILE EXPERT_BYTES DEPTH SECONDS [auto|uring-buffered|pread] [sync|pipe] [spaced|gguf]"
+        );
         // `cargo bench` without arguments: nothing to measure, say so and succeed.
         println!("pool_fill: no arguments given; see bench/pool_fill.sh");
         return;
@@ -39,8 +43,17 @@ fn main() {
         m => panic!("unknown mode {m}"),
     };
     let size = std::fs::metadata(&path).expect("FILE").len();
-    let stride = bytes + 32; // consecutive experts start 32-aligned, not page aligned
-    let offset = 4096 + 96;
+    // LAYOUT `spaced` (default): consecutive experts start 32-aligned, not page aligned,
+    // so each read's bytes are copied into its slot; `gguf`: as in GGUF files, experts
+    // follow each other (sizes that are whole pages) from a tensor 128 bytes into a page,
+    // so the pool reads the file straight into its slots.
+    let gguf = args.get(6).map(String::as_str) == Some("gguf");
+    let (stride, offset) = if gguf {
+        assert!(bytes % 4096 == 0, "the gguf layout needs whole pages");
+        (bytes, 4096 + 128)
+    } else {
+        (bytes + 32, 4096 + 96)
+    };
     let n_experts = ((size - offset) / stride) as u32;
     assert!(
         n_experts > 4 * depth,
@@ -119,8 +132,9 @@ fn main() {
     let el = t.elapsed().as_secs_f64();
     let c = pool.counters(None).unwrap();
     println!(
-        "pool_fill bytes={bytes} depth={depth} mode={} pipe={pipe} direct={} MiB/s={:.1} reads={} hits={} stall_share={:.3} copy_share={:.3} p50_us={} p99_us={}",
+        "pool_fill bytes={bytes} depth={depth} mode={} pipe={pipe} layout={} direct={} MiB/s={:.1} reads={} hits={} stall_share={:.3} copy_share={:.3} p50_us={} p99_us={}",
         args.get(4).map(String::as_str).unwrap_or("auto"),
+        if gguf { "gguf" } else { "spaced" },
         pool.file_is_direct(f).unwrap(),
         c.bytes_read as f64 / el / (1024.0 * 1024.0),
         c.misses + c.prefetch_issued,

@@ -179,7 +179,10 @@ typedef struct ep_proj_desc {
  *      proj[p].dst_base + s * proj[p].dst_slot_stride (expert_bytes bytes). The memory
  *      stays owned by the engine and must stay valid and unmoved until ep_pool_delete.
  *  (c) every dst_base NULL and copy_fn NULL: the pool allocates the slot memory
- *      (64-byte aligned slots); get it with ep_pool_slot_memory.
+ *      (64-byte aligned slots); get it with ep_pool_slot_memory. Where every expert of
+ *      each projection starts at the same 64-byte aligned place in a 4 KiB page of the
+ *      file (expert_stride a multiple of 4096, as in GGUF files), slots are whole pages
+ *      apart and ep_pool_request reads the file straight into them (no copy).
  * The engine may read a slot's memory only while ep_pool_request has it returned
  * (see "Slot lifetime"). */
 typedef struct ep_layer_desc {

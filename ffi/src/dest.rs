@@ -5,8 +5,9 @@
 
 use std::ptr::NonNull;
 
+use crate::arena::{Arena, ArenaBuf, PAGE};
 use crate::error::Result;
-use crate::io::AlignedBuf;
+use crate::io::{AlignedBuf, Region};
 
 /// Receives the bytes of one projection of one expert for one slot. Called with the
 /// pool locked, on the thread of the pool call that reaped the read.
@@ -29,12 +30,56 @@ pub trait SlotSink: Send {
     fn read(&self, _proj: usize, _slot: u32, _len: usize) -> Option<Vec<u8>> {
         None
     }
+    /// Where the pool may read projection `proj` of an expert straight into slot `slot`:
+    /// the slot's page-aligned region, its length, and where in it the expert starts (its
+    /// offset within a page of the file). None for sinks that take the bytes otherwise.
+    fn direct_region(&self, _proj: usize, _slot: u32) -> Option<Region> {
+        None
+    }
 }
 
-/// Slot memory allocated and owned by the pool: per projection one aligned block of
-/// `n_slots * stride` bytes, slot `s` at `s * stride`; valid until the pool is dropped.
+/// Slot memory allocated and owned by the pool: per projection one block of
+/// `n_slots * stride` bytes, slot `s`'s expert at `s * stride + head`; valid until the
+/// pool is dropped. Laid out for direct reads ([`OwnedSlots::new_direct`]), every slot's
+/// stride is whole pages and the expert sits at its offset within a page of the file,
+/// so the pool can read the file straight into the slot (see `direct_region`).
 pub struct OwnedSlots {
-    projs: Vec<(AlignedBuf, usize)>,
+    projs: Vec<OwnedProj>,
+}
+
+struct OwnedProj {
+    mem: SlotMemory,
+    stride: usize,
+    head: usize,
+    direct: bool,
+}
+
+/// The memory of one projection's slots.
+enum SlotMemory {
+    Heap(AlignedBuf),
+    /// A mapping of its own backed by huge pages: a direct read's destination in few
+    /// physical pieces (see `arena`).
+    Huge {
+        /// Owns the mapping (unmapped when dropped).
+        _mapping: Arena,
+        buf: ArenaBuf,
+    },
+}
+
+impl SlotMemory {
+    fn raw(&self) -> *mut u8 {
+        match self {
+            SlotMemory::Heap(b) => b.as_raw(),
+            SlotMemory::Huge { buf, .. } => buf.as_ptr(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            SlotMemory::Heap(b) => b.capacity(),
+            SlotMemory::Huge { buf, .. } => buf.len(),
+        }
+    }
 }
 
 /// Alignment of each slot in [`OwnedSlots`] (cache line; ggml needs 32).
@@ -49,7 +94,45 @@ impl OwnedSlots {
             let total = stride
                 .checked_mul(n_slots as usize)
                 .ok_or(crate::error::PoolError::NoMemory(usize::MAX))?;
-            projs.push((AlignedBuf::new(total)?, stride));
+            projs.push(OwnedProj {
+                mem: SlotMemory::Heap(AlignedBuf::new(total)?),
+                stride,
+                head: 0,
+                direct: false,
+            });
+        }
+        Ok(OwnedSlots { projs })
+    }
+
+    /// Allocates slots the file can be read into directly: projection `p` holds experts
+    /// of `layout[p].0` bytes that start `layout[p].1` bytes into a page of the file (a
+    /// multiple of [`SLOT_ALIGN`], below the page size). Each slot spans whole pages; the
+    /// memory is backed by huge pages where the kernel gives them.
+    pub fn new_direct(n_slots: u32, layout: &[(usize, usize)]) -> Result<Self> {
+        let mut projs = Vec::with_capacity(layout.len());
+        for &(b, head) in layout {
+            if head % SLOT_ALIGN != 0 || head >= PAGE {
+                return Err(crate::error::PoolError::invalid(format!(
+                    "an expert {head} bytes into a page cannot start a slot"
+                )));
+            }
+            let stride = crate::io::round_up(head + b.max(1), PAGE);
+            let total = stride
+                .checked_mul(n_slots as usize)
+                .ok_or(crate::error::PoolError::NoMemory(usize::MAX))?;
+            let mem = match Arena::new(total).and_then(|mut a| a.alloc(total).map(|b| (a, b))) {
+                Some((a, b)) => SlotMemory::Huge {
+                    _mapping: a,
+                    buf: b,
+                },
+                None => SlotMemory::Heap(AlignedBuf::new(total)?),
+            };
+            projs.push(OwnedProj {
+                mem,
+                stride,
+                head,
+                direct: true,
+            });
         }
         Ok(OwnedSlots { projs })
     }
@@ -57,31 +140,50 @@ impl OwnedSlots {
 
 impl SlotSink for OwnedSlots {
     fn write(&mut self, _layer: i32, proj: usize, slot: u32, offset: usize, data: &[u8]) {
-        let (buf, stride) = &mut self.projs[proj];
-        let start = slot as usize * *stride + offset;
-        assert!(offset + data.len() <= *stride && (slot as usize + 1) * *stride <= buf.capacity());
+        let p = &self.projs[proj];
+        let start = slot as usize * p.stride + p.head + offset;
+        assert!(
+            p.head + offset + data.len() <= p.stride
+                && (slot as usize + 1) * p.stride <= p.mem.len()
+        );
         // SAFETY: the range start..start+data.len() lies inside this slot of the
         // allocation (checked above), data does not overlap it (it is a read buffer), and
         // only this slot's bytes are written, so readers of other slots are not disturbed.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_raw().add(start), data.len());
+            std::ptr::copy_nonoverlapping(data.as_ptr(), p.mem.raw().add(start), data.len());
         }
     }
     fn partial(&self) -> bool {
         true
     }
     fn base(&self, proj: usize) -> Option<(*mut u8, usize)> {
-        self.projs.get(proj).map(|(b, s)| (b.as_raw(), *s))
+        self.projs.get(proj).map(|p| {
+            // SAFETY: head < stride <= the allocation's length (n_slots >= 1).
+            (unsafe { p.mem.raw().add(p.head) }, p.stride)
+        })
     }
     fn read(&self, proj: usize, slot: u32, len: usize) -> Option<Vec<u8>> {
-        let (buf, stride) = self.projs.get(proj)?;
-        let start = slot as usize * *stride;
-        if len > *stride || start + *stride > buf.capacity() {
+        let p = self.projs.get(proj)?;
+        let start = slot as usize * p.stride + p.head;
+        if p.head + len > p.stride || (slot as usize + 1) * p.stride > p.mem.len() {
             return None;
         }
         // SAFETY: in bounds (checked above); the bytes are initialised (zeroed at
-        // allocation, then written by `write`).
-        Some(unsafe { std::slice::from_raw_parts(buf.as_raw().add(start), len) }.to_vec())
+        // allocation, then written by `write` or by reads into the slot).
+        Some(unsafe { std::slice::from_raw_parts(p.mem.raw().add(start), len) }.to_vec())
+    }
+    fn direct_region(&self, proj: usize, slot: u32) -> Option<Region> {
+        let p = self.projs.get(proj).filter(|p| p.direct)?;
+        if (slot as usize + 1) * p.stride > p.mem.len() {
+            return None;
+        }
+        // SAFETY: slot s's region lies inside the allocation (checked above).
+        let ptr = unsafe { p.mem.raw().add(slot as usize * p.stride) };
+        NonNull::new(ptr).map(|ptr| Region {
+            ptr,
+            len: p.stride,
+            head: p.head,
+        })
     }
 }
 

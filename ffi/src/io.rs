@@ -128,17 +128,37 @@ impl Drop for AlignedBuf {
 }
 
 /// A read's destination: a range of the engine's [`Arena`], or heap memory when the
-/// arena has no room.
+/// arena has no room, or memory the caller owns ([`IoEngine::start_read_into`]).
 enum ReadBuf {
     Arena(ArenaBuf),
     Heap(AlignedBuf),
+    /// `len` bytes at `ptr`, which the caller keeps valid and untouched until the read's
+    /// `Done` event (and nothing else reads into).
+    External {
+        ptr: NonNull<u8>,
+        len: usize,
+    },
 }
+
+// SAFETY: the arena and heap variants own their memory (both Send); the external one
+// points at memory the caller lends for the read under `start_read_into`'s contract,
+// which does not depend on the thread that completes the read.
+unsafe impl Send for ReadBuf {}
 
 impl ReadBuf {
     fn capacity(&self) -> usize {
         match self {
             ReadBuf::Arena(b) => b.len(),
             ReadBuf::Heap(b) => b.capacity(),
+            ReadBuf::External { len, .. } => *len,
+        }
+    }
+
+    /// Bytes of the engine's own memory it holds (not the caller's).
+    fn held(&self) -> usize {
+        match self {
+            ReadBuf::External { .. } => 0,
+            b => b.capacity(),
         }
     }
 
@@ -146,6 +166,7 @@ impl ReadBuf {
         match self {
             ReadBuf::Arena(b) => b.as_ptr(),
             ReadBuf::Heap(b) => b.as_mut_ptr(),
+            ReadBuf::External { ptr, .. } => ptr.as_ptr(),
         }
     }
 
@@ -156,6 +177,11 @@ impl ReadBuf {
             // owns both), and is initialised (the mapping starts zeroed).
             ReadBuf::Arena(b) => unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) },
             ReadBuf::Heap(b) => b.as_slice(),
+            // SAFETY: by the contract of `start_read_into`, the caller's range is valid,
+            // initialised and written by nothing but this read while the op lives.
+            ReadBuf::External { ptr, len } => unsafe {
+                std::slice::from_raw_parts(ptr.as_ptr(), *len)
+            },
         }
     }
 
@@ -164,8 +190,21 @@ impl ReadBuf {
             // SAFETY: as in as_slice, and &mut self gives exclusive access.
             ReadBuf::Arena(b) => unsafe { std::slice::from_raw_parts_mut(b.as_ptr(), b.len()) },
             ReadBuf::Heap(b) => b.as_mut_slice(),
+            // SAFETY: as in as_slice, and &mut self gives exclusive access.
+            ReadBuf::External { ptr, len } => unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr(), *len)
+            },
         }
     }
+}
+
+/// Memory a read may go straight into ([`IoEngine::start_read_into`]): `len` bytes at
+/// `ptr` (page-aligned), the wanted bytes to land at `ptr + head`.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub ptr: NonNull<u8>,
+    pub len: usize,
+    pub head: usize,
 }
 
 /// Rounds `x` up to a multiple of `a` (a power of two).
@@ -553,6 +592,39 @@ impl IoEngine {
         len: usize,
         tag: u64,
     ) -> Result<OpId> {
+        self.start_read_to(file, offset, len, tag, None)
+    }
+
+    /// Like [`IoEngine::start_read`], but reads into the caller's memory: the region's
+    /// `len` bytes at `ptr` (page-aligned) hold the wanted bytes at `head`, so with
+    /// O_DIRECT the aligned superset of the read must start at `ptr`
+    /// (`offset % DIRECT_ALIGN == head`) and fit in `len`; a buffered read goes straight
+    /// to `ptr + head`. Fails with an invalid-argument error, starting nothing, when
+    /// the read does not fit that way.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` of the region must be valid for writes, initialised, and neither
+    /// read nor written by anything else from this call until the read's `Done` event
+    /// has been taken (`take_events`) or [`IoEngine::drain`] has returned.
+    pub unsafe fn start_read_into(
+        &mut self,
+        file: &ModelFile,
+        offset: u64,
+        len: usize,
+        tag: u64,
+        into: Region,
+    ) -> Result<OpId> {
+        self.start_read_to(file, offset, len, tag, Some(into))
+    }
+
+    fn start_read_to(
+        &mut self,
+        file: &ModelFile,
+        offset: u64,
+        len: usize,
+        tag: u64,
+        into: Option<Region>,
+    ) -> Result<OpId> {
         let (direct, base, want_start, total) = match &file.direct {
             Some(_) => {
                 let base = offset & !(DIRECT_ALIGN as u64 - 1);
@@ -562,7 +634,25 @@ impl IoEngine {
             }
             None => (false, offset, 0, len),
         };
-        let buf = self.get_buf(total)?;
+        let buf = match into {
+            None => self.get_buf(total)?,
+            Some(Region {
+                ptr: region,
+                len: cap,
+                head,
+            }) => {
+                // the wanted bytes land at region + head
+                let Some(skip) = head.checked_sub(want_start) else {
+                    return Err(PoolError::invalid("the read does not fit the region"));
+                };
+                if (direct && skip != 0) || skip + total > cap {
+                    return Err(PoolError::invalid("the read does not fit the region"));
+                }
+                // SAFETY: skip + total <= cap, so the pointer stays inside the region.
+                let ptr = unsafe { region.add(skip) };
+                ReadBuf::External { ptr, len: total }
+            }
+        };
         let need = want_start + len;
         let chunk = if self.ring.is_some() {
             CHUNK
@@ -592,7 +682,7 @@ impl IoEngine {
                 "read of {len} bytes is too large"
             )));
         }
-        self.held_bytes += buf.capacity();
+        self.held_bytes += buf.held();
         let op = ReadOp {
             direct_fd: file.direct.as_ref().map_or(-1, |d| d.as_raw_fd()),
             buffered_fd: file.file.as_raw_fd(),
@@ -665,7 +755,7 @@ impl IoEngine {
             );
         }
         if let Some(op) = self.ops[id].take() {
-            self.held_bytes -= op.buf.capacity();
+            self.held_bytes -= op.buf.held();
             match op.buf {
                 ReadBuf::Arena(b) => self
                     .arena
@@ -673,6 +763,7 @@ impl IoEngine {
                     .expect("arena buffers come from the arena")
                     .free(b),
                 ReadBuf::Heap(b) => drop(b),
+                ReadBuf::External { .. } => {} // the caller's
             }
             self.free_ops.push(id);
         }

@@ -311,6 +311,10 @@ struct Fill {
     remaining: u32,
     error: Option<PoolError>,
     prefetch: bool,
+    /// Its reads go straight into the slot (pool-owned slots laid out for it, and only
+    /// in a blocking request, which returns after every read it started has finished:
+    /// so no read into a slot outlives the fill that owns the slot).
+    direct: bool,
 }
 
 struct Inner {
@@ -868,8 +872,25 @@ impl Inner {
         let sink = match sink {
             Some(s) => s,
             None => {
-                let bytes: Vec<usize> = projs.iter().map(|p| p.bytes).collect();
-                Box::new(OwnedSlots::new(spec.n_slots, &bytes)?)
+                // Where every expert of each projection starts at the same place in a
+                // page of the file (its stride is whole pages, as in real GGUF files),
+                // blocking requests read the file straight into the slots.
+                let page = crate::arena::PAGE as u64;
+                let heads: Option<Vec<(usize, usize)>> = projs
+                    .iter()
+                    .map(|p| {
+                        let head = (p.offset % page) as usize;
+                        (p.stride % page == 0 && head % crate::dest::SLOT_ALIGN == 0)
+                            .then_some((p.bytes, head))
+                    })
+                    .collect();
+                match heads {
+                    Some(layout) => Box::new(OwnedSlots::new_direct(spec.n_slots, &layout)?),
+                    None => {
+                        let bytes: Vec<usize> = projs.iter().map(|p| p.bytes).collect();
+                        Box::new(OwnedSlots::new(spec.n_slots, &bytes)?)
+                    }
+                }
             }
         };
         let expert_bytes = projs.iter().map(|p| p.bytes as u64).sum();
@@ -1037,6 +1058,10 @@ impl Inner {
                 if let Err(e) = self.io.submit() {
                     // not started: what it held back must still be read, so its fills end
                     let _ = self.start_held_back(li);
+                    if wait {
+                        // no read into a slot may outlive this call (Fill::direct)
+                        self.io.drain();
+                    }
                     return Err(e);
                 }
             }
@@ -1080,6 +1105,10 @@ impl Inner {
             }
         };
         self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
+        if wait_result.is_err() {
+            // no read into a slot may outlive this call (Fill::direct)
+            self.io.drain();
+        }
         wait_result?;
         if let Some(e) = early_error {
             return Err(e);
@@ -1143,6 +1172,7 @@ impl Inner {
             remaining: 0,
             error: None,
             prefetch,
+            direct: false,
         });
         self.layers[li].proj_done[order.slot as usize] = 0;
         if prefetch {
@@ -1164,10 +1194,11 @@ impl Inner {
         fids.clear();
         for &order in orders {
             let fid = self.new_fill(li, order, false);
-            self.fills[fid]
-                .as_mut()
-                .expect("fill just stored")
-                .remaining = n_projs as u32;
+            // (a blocking request: see Fill::direct)
+            let direct = !hold_last && self.layers[li].sink.direct_region(0, order.slot).is_some();
+            let fill = self.fills[fid].as_mut().expect("fill just stored");
+            fill.remaining = n_projs as u32;
+            fill.direct = direct;
             fids.push(fid);
         }
         let first_held = if hold_last {
@@ -1198,12 +1229,18 @@ impl Inner {
             } else {
                 let proj = &self.layers[li].projs[p];
                 let off = proj.offset + u64::from(fill.order.expert) * proj.stride;
-                Some(self.io.start_read(
-                    &self.files[proj.file],
-                    off,
-                    proj.bytes,
-                    ((fid as u64) << 8) | p as u64,
-                ))
+                let tag = ((fid as u64) << 8) | p as u64;
+                let file = &self.files[proj.file];
+                match self.layers[li].sink.direct_region(p, fill.order.slot) {
+                    Some(region) if fill.direct => {
+                        // SAFETY: the region is the memory of the fill's slot, which the
+                        // slot map gave this fill alone (state Filling: not served, not
+                        // given to another fill until this one ends, and this blocking
+                        // request ends only once every read it started is done).
+                        Some(unsafe { self.io.start_read_into(file, off, proj.bytes, tag, region) })
+                    }
+                    _ => Some(self.io.start_read(file, off, proj.bytes, tag)),
+                }
             };
             let fill = self.fills[fid].as_mut().expect("fill");
             match res {
@@ -1453,7 +1490,7 @@ impl Inner {
                 let current = l.map.generation(order.slot) == order.generation
                     && l.map.state(order.slot) == SlotState::Filling;
                 if current && fill.error.is_none() {
-                    if whole || !l.sink.partial() {
+                    if (whole || !l.sink.partial()) && !fill.direct {
                         let data = self.io.data(op);
                         let (sink, id) = (&mut l.sink, l.id);
                         let t0 = Instant::now();
@@ -1501,7 +1538,7 @@ impl Inner {
                     let l = &mut self.layers[fill.layer];
                     let current = l.map.generation(order.slot) == order.generation
                         && l.map.state(order.slot) == SlotState::Filling;
-                    if current && fill.error.is_none() && l.sink.partial() {
+                    if current && fill.error.is_none() && l.sink.partial() && !fill.direct {
                         let data = &self.io.data(op)[range.clone()];
                         let (sink, id) = (&mut l.sink, l.id);
                         let t0 = Instant::now();

@@ -635,3 +635,107 @@ fn a_started_request_on_a_failed_read_ahead_returns_its_error() {
     pool.request(0, &[10, 11], 2, 1, 2, &mut out).unwrap();
     assert_slots_hold(&pool, 0, &m, 0, &out, &[10, 11], "after the failed start");
 }
+
+/// Pool-owned slots of experts whose stride is whole pages (as in real GGUF files) are
+/// read straight into (no copy: `copy_ns` stays 0), in every I/O mode and through
+/// EINTR and short reads; the bytes equal the file's. A read error fails the request
+/// with no read left in flight (none may write into a slot afterwards), and the expert
+/// is read correctly later.
+#[test]
+fn pool_owned_slots_are_read_into_directly() {
+    // gate/up Q4_K-like 1024 x 64 and down Q8_0-like 512 x 128: 9 and 17 pages an expert
+    let pb = [
+        q4k_bytes(1024, 64),
+        q4k_bytes(1024, 64),
+        q8_0_bytes(512, 128),
+    ];
+    assert!(pb.iter().all(|b| b % 4096 == 0));
+    for mode in [
+        IoMode::Auto,
+        IoMode::UringBuffered,
+        IoMode::Pread,
+        IoMode::PreadDirect,
+    ] {
+        // the first tensor 128 bytes into a page (every expert starts there)
+        let m = write_model_at("direct-model.bin", 1, N_EXPERTS, &pb, 7, 8192 + 128);
+        let pool = pool_with(mode);
+        pool.inject_faults(&[
+            Fault::Errno(libc::EINTR),
+            Fault::Short(100),
+            Fault::Short(4096),
+        ])
+        .unwrap();
+        let f = pool.add_file(m.path()).unwrap();
+        pool.add_layer(
+            &LayerSpec {
+                layer: 0,
+                n_experts: N_EXPERTS,
+                n_slots: N_SLOTS,
+                projs: m.specs(0, f),
+            },
+            None,
+        )
+        .unwrap();
+        check_all_experts(&pool, &m, 0);
+        let c = pool.counters(Some(0)).unwrap();
+        assert!(c.misses > 0 && c.bytes_read > 0, "{mode:?}");
+        assert_eq!(
+            c.copy_ns, 0,
+            "{mode:?}: the slots were read into, not copied into"
+        );
+
+        // a read error: the request fails, nothing stays in flight, and later the
+        // expert comes in right
+        let mut out = [0i32; 4];
+        let ids = [3, 5, 9, 12];
+        // (a fresh set, so that all four miss)
+        pool.request(0, &[0, 1, 2, 4], 4, 1, 4, &mut out).unwrap();
+        pool.request(0, &[6, 7, 8, 10], 4, 1, 4, &mut out).unwrap();
+        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
+        let e = pool.request(0, &ids, 4, 1, 4, &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("Input/output error")
+                || e.to_string().contains("EIO")
+                || e.to_string().contains("os error 5"),
+            "{mode:?}: {e}"
+        );
+        assert_eq!(
+            pool.reads_in_flight().unwrap(),
+            0,
+            "{mode:?}: reads left in flight"
+        );
+        pool.request(0, &ids, 4, 1, 4, &mut out).unwrap();
+        for (j, &e) in ids.iter().enumerate() {
+            for p in 0..3 {
+                let got = pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap();
+                assert!(
+                    got == m.expert(0, p, e as u32),
+                    "{mode:?}: expert {e} proj {p}"
+                );
+            }
+        }
+        // waiting itself fails (io_uring): the request still leaves no read in flight
+        if pool.io_active().unwrap() == ActiveIo::Uring {
+            pool.request(0, &[0, 1, 2, 4], 4, 1, 4, &mut out).unwrap();
+            pool.request(0, &[6, 7, 8, 10], 4, 1, 4, &mut out).unwrap();
+            pool.inject_wait_failure(libc::EIO).unwrap();
+            assert!(
+                pool.request(0, &ids, 4, 1, 4, &mut out).is_err(),
+                "{mode:?}"
+            );
+            assert_eq!(
+                pool.reads_in_flight().unwrap(),
+                0,
+                "{mode:?}: after a failed wait"
+            );
+            pool.request(0, &ids, 4, 1, 4, &mut out).unwrap();
+            for (j, &e) in ids.iter().enumerate() {
+                let got = pool.slot_bytes(0, 2, out[j] as u32).unwrap().unwrap();
+                assert!(
+                    got == m.expert(0, 2, e as u32),
+                    "{mode:?}: expert {e} after it"
+                );
+            }
+        }
+    }
+}

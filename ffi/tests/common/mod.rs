@@ -65,10 +65,23 @@ pub fn write_model(
     proj_bytes: &[u64],
     seed: u64,
 ) -> TestModel {
+    write_model_at(name, layers, n_experts, proj_bytes, seed, 4096 + 96)
+}
+
+/// Like [`write_model`], with the first tensor at byte `first` (later ones follow at
+/// 32-byte aligned offsets).
+pub fn write_model_at(
+    name: &str,
+    layers: usize,
+    n_experts: u32,
+    proj_bytes: &[u64],
+    seed: u64,
+    first: u64,
+) -> TestModel {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = disk_dir().join(format!("{name}.{}.{n}", std::process::id()));
-    let mut off = 4096 + 96u64;
+    let mut off = first;
     let mut tensors = Vec::new();
     for _ in 0..layers {
         let mut t = Vec::new();
