@@ -33,6 +33,8 @@ pub trait SlotSink: Send {
     /// Where the pool may read projection `proj` of an expert straight into slot `slot`:
     /// the slot's page-aligned region, its length, and where in it the expert starts (its
     /// offset within a page of the file). None for sinks that take the bytes otherwise.
+    /// The pool consults it only for the slot memory it allocated itself
+    /// ([`OwnedSlots::new_direct`]), never for a sink handed to it.
     fn direct_region(&self, _proj: usize, _slot: u32) -> Option<Region> {
         None
     }
@@ -106,8 +108,10 @@ impl OwnedSlots {
 
     /// Allocates slots the file can be read into directly: projection `p` holds experts
     /// of `layout[p].0` bytes that start `layout[p].1` bytes into a page of the file (a
-    /// multiple of [`SLOT_ALIGN`], below the page size). Each slot spans whole pages; the
-    /// memory is backed by huge pages where the kernel gives them.
+    /// multiple of [`SLOT_ALIGN`], below the page size). Each slot spans whole pages (up
+    /// to one page more than the expert); each projection's memory is a mapping of its
+    /// own, rounded up to 2 MiB and advised for huge pages (so up to 2 MiB more may
+    /// become resident per projection), or the heap where no mapping is given.
     pub fn new_direct(n_slots: u32, layout: &[(usize, usize)]) -> Result<Self> {
         let mut projs = Vec::with_capacity(layout.len());
         for &(b, head) in layout {

@@ -1095,8 +1095,9 @@ impl IoEngine {
         }
     }
 
-    /// Waits for every submitted read (used before dropping buffers).
-    pub fn drain(&mut self) {
+    /// Waits for every submitted read (used before dropping buffers). Returns whether
+    /// none is left in the kernel (false when waiting itself failed).
+    pub fn drain(&mut self) -> bool {
         while self.ring.is_some() && self.in_kernel > 0 {
             if self.unsubmitted > 0 {
                 let _ = self.submit();
@@ -1105,6 +1106,7 @@ impl IoEngine {
                 break;
             }
         }
+        self.in_kernel == 0
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::dest::{OwnedSlots, SlotSink};
+use crate::dest::{FnSink, OwnedSlots, SlotSink};
 use crate::error::{PoolError, Result};
 use crate::io::{ActiveIo, Event, IoEngine, IoMode, ModelFile};
 use crate::metrics::{self, Counters, LayerStats, StatsSnapshot};
@@ -248,6 +248,9 @@ struct Layer {
     /// The request begun by [`Pool::request_start`] that no wait for every projection
     /// has ended yet.
     started: Started,
+    /// Blocking requests read the file straight into the slots (`Fill::direct`): only
+    /// for slot memory the pool allocated itself, laid out for it.
+    direct_reads: bool,
 }
 
 /// A layer's request begun by [`Pool::request_start`].
@@ -357,6 +360,10 @@ struct Inner {
     fresh_fills: Vec<FillOrder>,
     /// Scratch of [`Inner::start_fills`].
     fill_ids: Vec<usize>,
+    /// Why the pool stopped serving: reads into its slots (`Fill::direct`) may still be
+    /// in the kernel because waiting for them failed. Every later call fails, and the
+    /// slot memory is leaked rather than freed when the pool is dropped.
+    broken: Option<String>,
 }
 
 /// The expert pool. See the module documentation.
@@ -414,6 +421,7 @@ impl Pool {
             ahead_layer: None,
             fresh_fills: Vec::new(),
             fill_ids: Vec::new(),
+            broken: None,
             trace: cfg
                 .trace_path
                 .is_some()
@@ -454,9 +462,13 @@ impl Pool {
         if IN_CALLBACK.with(|c| c.get()) {
             return Err(PoolError::Reentrant);
         }
-        self.inner.lock().map_err(|_| {
+        let g = self.inner.lock().map_err(|_| {
             PoolError::Internal("the pool is unusable after a panic in an earlier call".into())
-        })
+        })?;
+        if let Some(why) = &g.broken {
+            return Err(PoolError::Internal(format!("the pool stopped: {why}")));
+        }
+        Ok(g)
     }
 
     /// Registers a model file by path; returns its file id.
@@ -715,7 +727,14 @@ impl Drop for Pool {
             let _ = p.stop.send(());
             let _ = p.handle.join();
         }
-        if let Ok(g) = self.inner.lock() {
+        if let Ok(mut g) = self.inner.lock() {
+            if g.broken.is_some() && !g.io.drain() {
+                // The kernel may still write into slot memory: leak it rather than free it.
+                for l in &mut g.layers {
+                    let noop: Box<dyn SlotSink> = Box::new(FnSink(|_, _, _, _: &[u8]| {}));
+                    std::mem::forget(std::mem::replace(&mut l.sink, noop));
+                }
+            }
             if let (Some(r), Some(f)) = (&g.trace, &self.trace_file) {
                 f.sync_from(r);
                 let _ = f.write();
@@ -869,6 +888,7 @@ impl Inner {
                 bytes: ps.bytes as usize,
             });
         }
+        let mut direct_reads = false;
         let sink = match sink {
             Some(s) => s,
             None => {
@@ -885,7 +905,10 @@ impl Inner {
                     })
                     .collect();
                 match heads {
-                    Some(layout) => Box::new(OwnedSlots::new_direct(spec.n_slots, &layout)?),
+                    Some(layout) => {
+                        direct_reads = true;
+                        Box::new(OwnedSlots::new_direct(spec.n_slots, &layout)?)
+                    }
                     None => {
                         let bytes: Vec<usize> = projs.iter().map(|p| p.bytes).collect();
                         Box::new(OwnedSlots::new(spec.n_slots, &bytes)?)
@@ -908,6 +931,7 @@ impl Inner {
             ahead_fill: vec![NO_FILL; spec.n_experts as usize],
             proj_done: vec![0; spec.n_slots as usize],
             started: Started::default(),
+            direct_reads,
         });
         let li = spec.layer as usize;
         if self.layer_index.len() <= li {
@@ -1059,8 +1083,7 @@ impl Inner {
                     // not started: what it held back must still be read, so its fills end
                     let _ = self.start_held_back(li);
                     if wait {
-                        // no read into a slot may outlive this call (Fill::direct)
-                        self.io.drain();
+                        self.drain_slot_reads();
                     }
                     return Err(e);
                 }
@@ -1106,8 +1129,7 @@ impl Inner {
         };
         self.layers[li].counters.stall_ns += t0.elapsed().as_nanos() as u64;
         if wait_result.is_err() {
-            // no read into a slot may outlive this call (Fill::direct)
-            self.io.drain();
+            self.drain_slot_reads();
         }
         wait_result?;
         if let Some(e) = early_error {
@@ -1119,6 +1141,16 @@ impl Inner {
         {
             Ok(()) => Ok(ahead_fills),
             Err(e) => Err(self.last_fill_error.take().unwrap_or(e)),
+        }
+    }
+
+    /// A blocking request that failed: no read into a slot may outlive it
+    /// (`Fill::direct`), so it waits for every read; where even that fails, the pool stops.
+    fn drain_slot_reads(&mut self) {
+        if !self.io.drain() {
+            self.broken = Some(
+                "waiting for reads into the slots failed; they may still be in the kernel".into(),
+            );
         }
     }
 
@@ -1195,7 +1227,7 @@ impl Inner {
         for &order in orders {
             let fid = self.new_fill(li, order, false);
             // (a blocking request: see Fill::direct)
-            let direct = !hold_last && self.layers[li].sink.direct_region(0, order.slot).is_some();
+            let direct = !hold_last && self.layers[li].direct_reads;
             let fill = self.fills[fid].as_mut().expect("fill just stored");
             fill.remaining = n_projs as u32;
             fill.direct = direct;
@@ -1231,15 +1263,21 @@ impl Inner {
                 let off = proj.offset + u64::from(fill.order.expert) * proj.stride;
                 let tag = ((fid as u64) << 8) | p as u64;
                 let file = &self.files[proj.file];
-                match self.layers[li].sink.direct_region(p, fill.order.slot) {
-                    Some(region) if fill.direct => {
+                match fill
+                    .direct
+                    .then(|| self.layers[li].sink.direct_region(p, fill.order.slot))
+                {
+                    Some(None) => Some(Err(PoolError::Internal(
+                        "a slot laid out for direct reads has no region".into(),
+                    ))),
+                    Some(Some(region)) => {
                         // SAFETY: the region is the memory of the fill's slot, which the
                         // slot map gave this fill alone (state Filling: not served, not
                         // given to another fill until this one ends, and this blocking
                         // request ends only once every read it started is done).
                         Some(unsafe { self.io.start_read_into(file, off, proj.bytes, tag, region) })
                     }
-                    _ => Some(self.io.start_read(file, off, proj.bytes, tag)),
+                    None => Some(self.io.start_read(file, off, proj.bytes, tag)),
                 }
             };
             let fill = self.fills[fid].as_mut().expect("fill");

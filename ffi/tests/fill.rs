@@ -683,6 +683,35 @@ fn pool_owned_slots_are_read_into_directly() {
             c.copy_ns, 0,
             "{mode:?}: the slots were read into, not copied into"
         );
+        // The slot memory as the C ABI hands it out (slot 0 and the stride) holds the
+        // experts at their place too, and a started request (which reads into read
+        // buffers and copies) fills the same layout right.
+        let mut out = [0i32; 4];
+        let ids = [1, 2, 14, 15];
+        pool.request(0, &[4, 5, 6, 7], 4, 1, 4, &mut out).unwrap();
+        pool.request(0, &[8, 9, 10, 11], 4, 1, 4, &mut out).unwrap();
+        let in_flight = pool.request_start(0, &ids, 4, 1, 4, &mut out).unwrap();
+        assert!(in_flight > 0, "{mode:?}: the started request misses");
+        pool.request_wait(0, None).unwrap();
+        assert!(
+            pool.counters(Some(0)).unwrap().copy_ns > 0,
+            "{mode:?}: it copied"
+        );
+        for (p, &bytes) in pb.iter().enumerate() {
+            let (base, stride) = pool.slot_base(0, p).unwrap();
+            for (j, &e) in ids.iter().enumerate() {
+                // SAFETY: the slot lies inside the pool's slot memory (stride apart from
+                // slot 0), holds its expert's bytes after the wait, and nothing writes it
+                // until the next request of the layer.
+                let got = unsafe {
+                    std::slice::from_raw_parts(base.add(out[j] as usize * stride), bytes as usize)
+                };
+                assert!(
+                    got == m.expert(0, p, e as u32),
+                    "{mode:?}: slot memory of expert {e} proj {p}"
+                );
+            }
+        }
 
         // a read error: the request fails, nothing stays in flight, and later the
         // expert comes in right
