@@ -44,7 +44,11 @@ fn pool_with(mode: IoMode) -> Pool {
 
 /// A pool (`pool_with(mode)`) over `model()` with its layer 0 registered, N_SLOTS slots.
 fn layer0_pool(mode: IoMode) -> (Pool, TestModel) {
-    let m = model();
+    layer0_pool_of(mode, model())
+}
+
+/// Like [`layer0_pool`], over `m`.
+fn layer0_pool_of(mode: IoMode, m: TestModel) -> (Pool, TestModel) {
     let pool = pool_with(mode);
     let f = pool.add_file(m.path()).unwrap();
     pool.add_layer(
@@ -658,23 +662,12 @@ fn pool_owned_slots_are_read_into_directly() {
     ] {
         // the first tensor 128 bytes into a page (every expert starts there)
         let m = write_model_at("direct-model.bin", 1, N_EXPERTS, &pb, 7, 8192 + 128);
-        let pool = pool_with(mode);
+        let (pool, m) = layer0_pool_of(mode, m);
         pool.inject_faults(&[
             Fault::Errno(libc::EINTR),
             Fault::Short(100),
             Fault::Short(4096),
         ])
-        .unwrap();
-        let f = pool.add_file(m.path()).unwrap();
-        pool.add_layer(
-            &LayerSpec {
-                layer: 0,
-                n_experts: N_EXPERTS,
-                n_slots: N_SLOTS,
-                projs: m.specs(0, f),
-            },
-            None,
-        )
         .unwrap();
         check_all_experts(&pool, &m, 0);
         let c = pool.counters(Some(0)).unwrap();
