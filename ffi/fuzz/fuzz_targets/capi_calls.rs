@@ -160,7 +160,13 @@ fuzz_target!(|data: &[u8]| {
                     projs.push(ep_proj_desc {
                         file: if extra & 0x80 != 0 { 3 } else { file },
                         offset: u64::from(off) * 32 % FILE_LEN as u64,
-                        expert_stride: bytes_per + u64::from(extra & 0x3f),
+                        // bit 6: whole pages apart, as in GGUF files (the pool then
+                        // reads straight into its slots where the offset allows)
+                        expert_stride: if extra & 0x40 != 0 {
+                            4096
+                        } else {
+                            bytes_per + u64::from(extra & 0x3f)
+                        },
                         expert_bytes: bytes_per,
                         dst_base: ptr::null_mut(),
                         dst_slot_stride: 0,
