@@ -654,7 +654,9 @@ impl IoEngine {
             }
         };
         let need = want_start + len;
-        let chunk = if self.ring.is_some() {
+        // (chunks let a copy start on the first bytes while the rest are read; a read
+        // into the caller's memory has no copy to overlap)
+        let chunk = if self.ring.is_some() && !matches!(buf, ReadBuf::External { .. }) {
             CHUNK
         } else {
             total.max(1)
