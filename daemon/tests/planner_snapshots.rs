@@ -45,6 +45,11 @@ fn load(name: &str) -> (Snapshot, Config) {
 }
 
 /// Compares `actual` with the expect file, or rewrites it under `UPDATE_EXPECT=1`.
+/// The plan's memory tier named `name` ("ram" or "vram"), if it has one.
+fn tier<'a>(p: &'a Plan, name: &str) -> Option<&'a expertd::plan::TierUse> {
+    p.memory.iter().find(|t| t.tier.as_str() == name)
+}
+
 fn expect_file(path: &Path, actual: &str) {
     if std::env::var_os("UPDATE_EXPECT").is_some() {
         std::fs::write(path, actual).unwrap();
@@ -130,11 +135,7 @@ fn assert_properties(name: &str, snap: &Snapshot, config: &Config, p: &Plan) {
     // llama-server's prompt cache (8 GiB by default) lives in RAM beside what the plan
     // budgets: the plan bounds it by what the RAM budget leaves.
     assert_eq!(a("--cache-ram"), Some(p.prompt_cache_mib.to_string()));
-    let ram = p
-        .memory
-        .iter()
-        .find(|t| t.tier.as_str() == "ram")
-        .expect("a RAM tier");
+    let ram = tier(p, "ram").expect("a RAM tier");
     assert!(
         ram.total() + (p.prompt_cache_mib << 20) <= ram.budget,
         "{name}: RAM {} + prompt cache {} MiB over the budget {}",
@@ -386,13 +387,7 @@ fn two_gpus_hold_a_compute_buffer_each() {
     let snap = two_gpus(&one_snap, 2);
     let two = plan(&snap, &config);
     assert_properties("two GPUs", &snap, &config, &two);
-    let vram = |p: &Plan| {
-        p.memory
-            .iter()
-            .find(|t| t.tier.as_str() == "vram")
-            .cloned()
-            .unwrap()
-    };
+    let vram = |p: &Plan| tier(p, "vram").cloned().unwrap();
     let (v1, v2) = (vram(&one), vram(&two));
     assert!(v1.compute > 0);
     assert_eq!(v2.compute, 2 * v1.compute, "one compute buffer per GPU");
@@ -422,7 +417,7 @@ fn a_slot_for_every_expert_needs_no_staging_area() {
     let p = plan(&snap, &config);
     assert_eq!(p.pool.as_ref().map(|x| x.slots), Some(8));
     assert!(!p.within_budget);
-    let ram = p.memory.iter().find(|t| t.tier.as_str() == "ram").unwrap();
+    let ram = tier(&p, "ram").unwrap();
     let one: u64 = snap.model.info.expert_bytes_per_layer.values().sum();
     assert_eq!(ram.experts, 8 * one + expertd::plan::POOL_IO_BYTES, "{p}");
 }
@@ -433,12 +428,7 @@ fn a_slot_for_every_expert_needs_no_staging_area() {
 fn only_the_gpus_cuda_shows_the_engine_count() {
     let (one_snap, config) = load("gpu80_gpt_oss_120b");
     let two = two_gpus(&one_snap, 1);
-    let vram = |p: &Plan| {
-        p.memory
-            .iter()
-            .find(|t| t.tier.as_str() == "vram")
-            .map(|t| t.budget)
-    };
+    let vram = |p: &Plan| tier(p, "vram").map(|t| t.budget);
     let both = plan(&two, &config);
     let one = plan(&one_snap, &config);
     assert_eq!(vram(&both), vram(&one).map(|b| 2 * b));
@@ -536,13 +526,7 @@ fn a_partial_offload_of_a_sliding_window_model_counts_full_layers_first() {
     let full_layer = (i.kv_bytes_per_token_f16 - i.kv_swa_bytes_per_token_f16) / 18 * 32768;
     let all = (i.kv_bytes_per_token_f16 - i.kv_swa_bytes_per_token_f16) * 32768
         + i.kv_swa_bytes_per_token_f16 * 768;
-    let kv = |t: &str| {
-        p.memory
-            .iter()
-            .find(|m| m.tier.as_str() == t)
-            .map(|m| m.kv)
-            .unwrap()
-    };
+    let kv = |t: &str| tier(&p, t).unwrap().kv;
     // -ngl g offloads the output and the last g - 1 layers (any of them may be full)
     let on_gpu = u64::from(p.gpu_layers - 1);
     let on_cpu = u64::from(layers) - on_gpu;
@@ -572,13 +556,7 @@ fn an_unknown_sliding_window_layout_keeps_the_full_kv_and_budgets_checkpoints() 
     let mut windowed = snap.clone();
     windowed.model.info.sliding_window = 4096;
     let q = plan(&windowed, &config);
-    let ram = |p: &Plan| {
-        p.memory
-            .iter()
-            .find(|t| t.tier.as_str() == "ram")
-            .unwrap()
-            .clone()
-    };
+    let ram = |p: &Plan| tier(p, "ram").unwrap().clone();
     assert_eq!(ram(&q).kv, ram(&p).kv, "the same KV");
     let (n, d) = config.plan.kv_type.unwrap_or(p.kv_type).ratio_to_f16();
     let checkpoints = 32 * 4352 * snap.model.info.kv_bytes_per_token_f16 * n / d;

@@ -706,58 +706,49 @@ fn pool_owned_slots_are_read_into_directly() {
             }
         }
 
-        // a read error: the request fails, nothing stays in flight, and later the
-        // expert comes in right
-        let mut out = [0i32; 4];
+        // A failure on the way (`inject`): the request fails, no read stays in flight
+        // (none may write into a slot afterwards), and the experts come in right later.
         let ids = [3, 5, 9, 12];
-        // (a fresh set, so that all four miss)
-        pool.request(0, &[0, 1, 2, 4], 4, 1, 4, &mut out).unwrap();
-        pool.request(0, &[6, 7, 8, 10], 4, 1, 4, &mut out).unwrap();
-        pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap();
-        let e = pool.request(0, &ids, 4, 1, 4, &mut out).unwrap_err();
+        let fails_cleanly = |inject: &dyn Fn(), what: &str| -> PoolError {
+            let mut out = [0i32; 4];
+            // (a fresh set first, so that all four miss)
+            pool.request(0, &[0, 1, 2, 4], 4, 1, 4, &mut out).unwrap();
+            pool.request(0, &[6, 7, 8, 10], 4, 1, 4, &mut out).unwrap();
+            inject();
+            let e = pool.request(0, &ids, 4, 1, 4, &mut out).unwrap_err();
+            assert_eq!(
+                pool.reads_in_flight().unwrap(),
+                0,
+                "{mode:?}: {what}: reads left in flight"
+            );
+            pool.request(0, &ids, 4, 1, 4, &mut out).unwrap();
+            for (j, &e) in ids.iter().enumerate() {
+                for p in 0..3 {
+                    let got = pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap();
+                    assert!(
+                        got == m.expert(0, p, e as u32),
+                        "{mode:?}: {what}: expert {e} proj {p} afterwards"
+                    );
+                }
+            }
+            e
+        };
+        let e = fails_cleanly(
+            &|| pool.inject_faults(&[Fault::Errno(libc::EIO)]).unwrap(),
+            "a read error",
+        );
         assert!(
             e.to_string().contains("Input/output error")
                 || e.to_string().contains("EIO")
                 || e.to_string().contains("os error 5"),
             "{mode:?}: {e}"
         );
-        assert_eq!(
-            pool.reads_in_flight().unwrap(),
-            0,
-            "{mode:?}: reads left in flight"
-        );
-        pool.request(0, &ids, 4, 1, 4, &mut out).unwrap();
-        for (j, &e) in ids.iter().enumerate() {
-            for p in 0..3 {
-                let got = pool.slot_bytes(0, p, out[j] as u32).unwrap().unwrap();
-                assert!(
-                    got == m.expert(0, p, e as u32),
-                    "{mode:?}: expert {e} proj {p}"
-                );
-            }
-        }
-        // waiting itself fails (io_uring): the request still leaves no read in flight
+        // waiting itself fails (io_uring)
         if pool.io_active().unwrap() == ActiveIo::Uring {
-            pool.request(0, &[0, 1, 2, 4], 4, 1, 4, &mut out).unwrap();
-            pool.request(0, &[6, 7, 8, 10], 4, 1, 4, &mut out).unwrap();
-            pool.inject_wait_failure(libc::EIO).unwrap();
-            assert!(
-                pool.request(0, &ids, 4, 1, 4, &mut out).is_err(),
-                "{mode:?}"
+            fails_cleanly(
+                &|| pool.inject_wait_failure(libc::EIO).unwrap(),
+                "a failed wait",
             );
-            assert_eq!(
-                pool.reads_in_flight().unwrap(),
-                0,
-                "{mode:?}: after a failed wait"
-            );
-            pool.request(0, &ids, 4, 1, 4, &mut out).unwrap();
-            for (j, &e) in ids.iter().enumerate() {
-                let got = pool.slot_bytes(0, 2, out[j] as u32).unwrap().unwrap();
-                assert!(
-                    got == m.expert(0, 2, e as u32),
-                    "{mode:?}: expert {e} after it"
-                );
-            }
         }
     }
 }
